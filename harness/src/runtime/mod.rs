@@ -1,0 +1,19 @@
+//! Starting and stopping the real components a run needs — etcd, a SoftHSM token, `kleidi serve` —
+//! as local processes on 127.0.0.1 with their own temp dirs, and the fault verbs on their handles
+//! (stop, kill, restart, pause, resume). Everything started is stopped on drop, also on panic.
+//! What the components are for (envelope, audit) lives elsewhere.
+
+mod etcd;
+mod kleidi;
+mod process;
+mod softhsm;
+
+pub use etcd::Etcd;
+pub use kleidi::{KleidiPlugin, kleidi_bin};
+pub use process::Process;
+pub use softhsm::SoftHsmToken;
+
+/// A free TCP port on 127.0.0.1 (bound and released; the OS does not hand it out again at once).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}

@@ -1,0 +1,87 @@
+//! The key services kleidi can wrap seeds with, one file each, each behind a cargo feature, and
+//! [`build`], which picks one from the flags. Nothing here knows about gRPC.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::{BackendKind, Pkcs11Args, ServeArgs, VaultArgs};
+use crate::service::KeyService;
+use crate::{Error, Result};
+
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
+#[cfg(feature = "vault")]
+pub mod vault;
+
+/// The annotation key every backend uses to record its ciphertext format, so a format change is
+/// detected before any key is touched. A DNS name with more than two labels, as the apiserver requires.
+pub const FORMAT_ANNOTATION: &str = "format.kleidi.dev";
+
+/// Builds the backend the flags name.
+pub async fn build(args: &ServeArgs) -> Result<Arc<dyn KeyService>> {
+    match args.backend {
+        BackendKind::Pkcs11 => build_pkcs11(&args.pkcs11).await,
+        BackendKind::Vault => build_vault(&args.vault).await,
+        BackendKind::Tpm => Err(Error::NotImplemented(
+            "the tpm backend (TPM 2.0 sealing via tss-esapi) is not implemented yet; use --backend pkcs11"
+                .into(),
+        )),
+    }
+}
+
+#[cfg(feature = "pkcs11")]
+fn pkcs11_config(args: &Pkcs11Args) -> Result<pkcs11::Pkcs11Config> {
+    let pin_file = args
+        .pkcs11_pin_file
+        .clone()
+        .ok_or_else(|| Error::Config("--pkcs11-pin-file is required".into()))?;
+    Ok(pkcs11::Pkcs11Config {
+        module: args.pkcs11_module.clone(),
+        token_label: args.pkcs11_token_label.clone(),
+        pin_file,
+        key_label: args.pkcs11_key_label.clone(),
+    })
+}
+
+#[cfg(feature = "pkcs11")]
+async fn build_pkcs11(args: &Pkcs11Args) -> Result<Arc<dyn KeyService>> {
+    Ok(Arc::new(
+        pkcs11::Pkcs11Backend::connect(pkcs11_config(args)?).await?,
+    ))
+}
+
+/// `kleidi pkcs11 init`.
+#[cfg(feature = "pkcs11")]
+pub async fn pkcs11_init(args: &Pkcs11Args, so_pin_file: &Path) -> Result<()> {
+    let cfg = pkcs11_config(args)?;
+    let outcome = pkcs11::init(&cfg, so_pin_file).await?;
+    tracing::info!(token = %cfg.token_label, key = %cfg.key_label, ?outcome, "pkcs11 init done");
+    Ok(())
+}
+
+#[cfg(not(feature = "pkcs11"))]
+async fn build_pkcs11(_: &Pkcs11Args) -> Result<Arc<dyn KeyService>> {
+    Err(Error::NotImplemented(
+        "this build has no pkcs11 backend (cargo feature `pkcs11`)".into(),
+    ))
+}
+
+/// `kleidi pkcs11 init`.
+#[cfg(not(feature = "pkcs11"))]
+pub async fn pkcs11_init(_: &Pkcs11Args, _: &Path) -> Result<()> {
+    Err(Error::NotImplemented(
+        "this build has no pkcs11 backend (cargo feature `pkcs11`)".into(),
+    ))
+}
+
+#[cfg(feature = "vault")]
+async fn build_vault(args: &VaultArgs) -> Result<Arc<dyn KeyService>> {
+    Ok(Arc::new(vault::VaultBackend::connect(args).await?))
+}
+
+#[cfg(not(feature = "vault"))]
+async fn build_vault(_: &VaultArgs) -> Result<Arc<dyn KeyService>> {
+    Err(Error::NotImplemented(
+        "this build has no vault backend (cargo feature `vault`)".into(),
+    ))
+}

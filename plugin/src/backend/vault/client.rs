@@ -1,0 +1,419 @@
+//! Talking to Vault: one HTTP client per configured address (rustls with ring, verification always
+//! on), failover between them, and [`classify`], the one place a Vault failure becomes an [`Error`].
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use secrecy::{ExposeSecret, SecretString};
+use vaultrs::api::EndpointMiddleware;
+use vaultrs::client::{VaultClient, VaultClientSettings};
+use vaultrs::error::ClientError;
+use zeroize::Zeroize;
+
+use crate::config::VaultArgs;
+use crate::{Error, Result};
+
+/// How long to wait for a TCP + TLS connection before trying the next address: short, so a
+/// black-holed first address still leaves time for the second within the 2 s call bound.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Bound on one HTTP exchange with one address.
+const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// What a Vault call was doing, for [`classify`]: the same status means different things.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Op {
+    /// Reading the transit key (connect, Status).
+    ReadKey,
+    /// Transit encrypt.
+    Encrypt,
+    /// Transit decrypt.
+    Decrypt,
+    /// Logging in, looking up or renewing our own token.
+    Auth,
+}
+
+/// A boxed, sendable future, so one closure type can be retried on each address.
+pub(super) type BoxFut<T> = Pin<Box<dyn Future<Output = Result<T, ClientError>> + Send>>;
+
+/// Every configured address, tried in order starting with the last one that answered.
+pub(super) struct Nodes {
+    nodes: Vec<Node>,
+    preferred: AtomicUsize,
+    namespace: Option<String>,
+}
+
+struct Node {
+    addr: String,
+    http: rustify::clients::reqwest::Client,
+    settings: VaultClientSettings,
+}
+
+impl Nodes {
+    /// Builds one client per address; fails only on configuration that cannot work.
+    pub(super) fn new(args: &VaultArgs) -> Result<Self> {
+        if args.vault_addr.is_empty() {
+            return Err(Error::Config("--vault-addr is required".into()));
+        }
+        let tls = tls_config(args)?;
+        let mut nodes = Vec::new();
+        for addr in &args.vault_addr {
+            let addr = addr.trim().trim_end_matches('/').to_string();
+            let url = reqwest::Url::parse(&addr)
+                .map_err(|e| Error::Config(format!("--vault-addr {addr:?}: {e}")))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(Error::Config(format!(
+                    "--vault-addr {addr:?}: scheme must be http or https"
+                )));
+            }
+            let http = reqwest::Client::builder()
+                .tls_backend_preconfigured(tls.clone())
+                .connect_timeout(CONNECT_TIMEOUT)
+                .timeout(REQUEST_TIMEOUT)
+                .pool_idle_timeout(Duration::from_secs(30))
+                .no_proxy()
+                .build()
+                .map_err(|e| Error::Config(format!("HTTP client for {addr}: {e}")))?;
+            // Written out in full: the vaultrs builder would fill gaps from VAULT_* variables
+            // (VAULT_SKIP_VERIFY among them); kleidi takes its settings from its flags only.
+            let settings = VaultClientSettings {
+                address: url,
+                ca_certs: Vec::new(),
+                identity: None,
+                timeout: Some(REQUEST_TIMEOUT),
+                token: String::new(),
+                verify: true,
+                version: 1,
+                wrapping: false,
+                namespace: args.vault_namespace.clone(),
+                proxy: None,
+            };
+            nodes.push(Node {
+                http: rustify::clients::reqwest::Client::new(&addr, http),
+                addr,
+                settings,
+            });
+        }
+        Ok(Self {
+            nodes,
+            preferred: AtomicUsize::new(0),
+            namespace: args.vault_namespace.clone(),
+        })
+    }
+
+    /// Runs `f` against the preferred address, then each other address once if the answer says that
+    /// server cannot serve (network, 5xx, sealed, standby). Any other answer is final.
+    pub(super) async fn send<T>(
+        &self,
+        op: Op,
+        token: Option<&SecretString>,
+        f: &(dyn Fn(Call) -> BoxFut<T> + Send + Sync),
+    ) -> Result<T> {
+        let count = self.nodes.len();
+        let start = self.preferred.load(Ordering::Relaxed);
+        let mut last = None;
+        for attempt in 0..count {
+            let index = (start + attempt) % count;
+            let Some(node) = self.nodes.get(index) else {
+                continue;
+            };
+            let call = Call::new(node, token, self.namespace.clone());
+            match f(call).await.map_err(|e| classify(op, e)) {
+                Ok(value) => {
+                    if index != start {
+                        self.preferred.store(index, Ordering::Relaxed);
+                        tracing::info!(addr = %node.addr, "vault: now using this address");
+                    }
+                    return Ok(value);
+                }
+                Err(err) if fails_over(&err) && count > 1 => {
+                    tracing::warn!(addr = %node.addr, class = err.class(), error = %err, "vault address failed; trying the next");
+                    last = Some(err);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Config("no vault address".into())))
+    }
+}
+
+/// Whether another address might answer where this one could not.
+fn fails_over(err: &Error) -> bool {
+    matches!(
+        err,
+        Error::Unavailable {
+            class: "network" | "server_error" | "sealed" | "standby",
+            ..
+        }
+    )
+}
+
+/// One request's client: a vaultrs [`VaultClient`] bound to one address and the current token,
+/// which is wiped from memory when the call ends.
+pub(super) struct Call(VaultClient);
+
+impl Call {
+    fn new(node: &Node, token: Option<&SecretString>, namespace: Option<String>) -> Self {
+        Self(VaultClient {
+            http: rustify::clients::reqwest::Client {
+                http: node.http.http.clone(),
+                base: node.http.base.clone(),
+            },
+            middle: EndpointMiddleware {
+                token: token.map(|t| t.expose_secret().to_owned()).unwrap_or_default(),
+                version: "v1".into(),
+                wrap: None,
+                namespace,
+            },
+            settings: node.settings.clone(),
+        })
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.0.middle.token.zeroize();
+        self.0.settings.token.zeroize();
+    }
+}
+
+impl vaultrs::client::Client for Call {
+    fn http(&self) -> &rustify::clients::reqwest::Client {
+        &self.0.http
+    }
+    fn middle(&self) -> &EndpointMiddleware {
+        &self.0.middle
+    }
+    fn settings(&self) -> &VaultClientSettings {
+        &self.0.settings
+    }
+    fn set_token(&mut self, token: &str) {
+        self.0.middle.token.zeroize();
+        self.0.set_token(token);
+    }
+}
+
+/// The one mapping from a Vault failure to kleidi's [`Error`], with stable class names:
+/// `sealed`, `standby`, `rate_limited`, `server_error`, `network` (unavailable, fail over);
+/// `permission_denied`, `auth_failed` (denied); `key_missing`; bad ciphertext on decrypt.
+/// Vault's error strings are not secret (they never echo tokens or plaintext) and are kept, cut short.
+pub(super) fn classify(op: Op, err: ClientError) -> Error {
+    let (code, msg) = match err {
+        ClientError::APIError { code, errors } => (code, errors.join("; ")),
+        ClientError::RestClientError { source } => match source {
+            rustify::errors::ClientError::ServerResponseError { code, .. } => (code, String::new()),
+            rustify::errors::ClientError::RequestError { source, .. } => {
+                return unavailable("network", network_detail(&source));
+            }
+            other => return Error::Backend(format!("vault: unexpected answer ({other})")),
+        },
+        other => return Error::Backend(format!("vault: unexpected answer ({other})")),
+    };
+    let msg = cut(&msg);
+    let lower = msg.to_ascii_lowercase();
+    let detail = format!("HTTP {code}: {msg}");
+    match code {
+        400 if op == Op::Decrypt && !lower.contains("key not found") => Error::BadCiphertext(detail),
+        400 | 404 if lower.contains("key not found") || (code == 404 && op == Op::ReadKey) => {
+            unavailable("key_missing", detail)
+        }
+        400 | 401 | 403 if op == Op::Auth => denied("auth_failed", detail),
+        403 if lower.contains("invalid token") => denied("auth_failed", detail),
+        403 => denied("permission_denied", detail),
+        429 => unavailable("rate_limited", detail),
+        503 if lower.contains("sealed") => unavailable("sealed", detail),
+        472 | 473 => unavailable("standby", detail),
+        503 if lower.contains("standby") => unavailable("standby", detail),
+        500..=599 => unavailable("server_error", detail),
+        _ => Error::Backend(format!("vault rejected the request: {detail}")),
+    }
+}
+
+fn unavailable(class: &'static str, detail: String) -> Error {
+    Error::Unavailable {
+        backend: "vault",
+        class,
+        detail,
+    }
+}
+
+fn denied(class: &'static str, detail: String) -> Error {
+    Error::Denied {
+        backend: "vault",
+        class,
+        detail,
+    }
+}
+
+/// A network failure's kind and innermost cause (`connection refused`), never a URL's secrets
+/// (kleidi's URLs carry none) nor a body.
+fn network_detail(err: &anyhow::Error) -> String {
+    let kind = match err.downcast_ref::<reqwest::Error>() {
+        Some(e) if e.is_timeout() => "timeout",
+        Some(e) if e.is_connect() => "connect",
+        _ => "request",
+    };
+    let root = err.root_cause().to_string();
+    format!("{kind}: {}", cut(&root))
+}
+
+/// `s` cut to at most 200 bytes (on a character boundary), for error details.
+pub(super) fn cut(s: &str) -> String {
+    let mut s = s.to_string();
+    if s.len() > 200 {
+        let end = (0..=200).rev().find(|i| s.is_char_boundary(*i)).unwrap_or(0);
+        s.truncate(end);
+    }
+    s
+}
+
+/// rustls with ring (no C build), verification always on: roots from --vault-ca-file or the system,
+/// an optional fixed server name, an optional client certificate (for mTLS and `auth cert`).
+fn tls_config(args: &VaultArgs) -> Result<ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    match &args.vault_ca_file {
+        Some(path) => {
+            let certs =
+                CertificateDer::pem_file_iter(path).map_err(|e| config_file("--vault-ca-file", path, e))?;
+            for cert in certs {
+                let cert = cert.map_err(|e| config_file("--vault-ca-file", path, e))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| config_file("--vault-ca-file", path, e))?;
+            }
+            if roots.is_empty() {
+                return Err(Error::Config(format!(
+                    "--vault-ca-file {}: no certificate in it",
+                    path.display()
+                )));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                // A system bundle may hold a certificate webpki cannot parse; skip it, as curl does.
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| Error::Config(format!("TLS verifier: {e}")))?;
+    let verifier: Arc<dyn ServerCertVerifier> = match &args.vault_server_name {
+        Some(name) => Arc::new(FixedName {
+            inner: webpki,
+            name: ServerName::try_from(name.clone())
+                .map_err(|e| Error::Config(format!("--vault-server-name {name:?}: {e}")))?,
+        }),
+        None => webpki,
+    };
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("TLS: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    match (&args.vault_client_cert, &args.vault_client_key) {
+        (Some(cert_path), Some(key_path)) => {
+            let certs = CertificateDer::pem_file_iter(cert_path)
+                .map_err(|e| config_file("--vault-client-cert", cert_path, e))?
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| config_file("--vault-client-cert", cert_path, e))?;
+            // The key's parse error never quotes the key.
+            let key = PrivateKeyDer::from_pem_file(key_path)
+                .map_err(|e| config_file("--vault-client-key", key_path, e))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| Error::Config(format!("client certificate: {e}")))
+        }
+        (None, None) => Ok(builder.with_no_client_auth()),
+        _ => Err(Error::Config(
+            "--vault-client-cert and --vault-client-key go together".into(),
+        )),
+    }
+}
+
+fn config_file(flag: &str, path: &Path, err: impl std::fmt::Display) -> Error {
+    Error::Config(format!("{flag} {}: {err}", path.display()))
+}
+
+/// Verifies the server's certificate for a configured name instead of the address's host, with the
+/// full webpki check otherwise (chain, validity, signatures).
+#[derive(Debug)]
+struct FixedName {
+    inner: Arc<WebPkiServerVerifier>,
+    name: ServerName<'static>,
+}
+
+impl ServerCertVerifier for FixedName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A copy of an error for a second caller (a shared decrypt, a remembered login failure).
+/// [`Error`] holds no sources, so nothing is lost for the variants this backend produces.
+pub(super) fn clone_error(err: &Error) -> Error {
+    match err {
+        Error::Unavailable {
+            backend,
+            class,
+            detail,
+        } => Error::Unavailable {
+            backend,
+            class,
+            detail: detail.clone(),
+        },
+        Error::Denied {
+            backend,
+            class,
+            detail,
+        } => Error::Denied {
+            backend,
+            class,
+            detail: detail.clone(),
+        },
+        Error::BadCiphertext(detail) => Error::BadCiphertext(detail.clone()),
+        Error::Config(detail) => Error::Config(detail.clone()),
+        Error::Timeout(bound) => Error::Timeout(*bound),
+        other => Error::Backend(other.to_string()),
+    }
+}

@@ -1,0 +1,283 @@
+//! Command-line flags (each with a `KLEIDI_*` environment equivalent), parsed once into typed
+//! values. The flag names are a user-facing contract: manifests in `fixtures/` depend on them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::grpc::StatusVersion;
+use crate::health::HealthTtl;
+use crate::server::Endpoint;
+
+/// kleidi: a KMS v2 plugin for kube-apiserver that keeps the key-encryption key in an HSM, Vault/OpenBao or a TPM.
+#[derive(Debug, Parser)]
+#[command(name = "kleidi", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format on stderr.
+    #[arg(long, env = "KLEIDI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the KMS v2 and v1beta1 services on a Unix socket.
+    Serve(Box<ServeArgs>),
+    /// PKCS#11 token administration.
+    #[command(subcommand)]
+    Pkcs11(Pkcs11Command),
+}
+
+/// `kleidi pkcs11 …`
+#[derive(Debug, Subcommand)]
+pub enum Pkcs11Command {
+    /// Initialize the token (if no token has the label) and generate the key (if absent). Idempotent.
+    Init {
+        /// Token, PIN and key.
+        #[command(flatten)]
+        pkcs11: Pkcs11Args,
+        /// File holding the security officer PIN, used only if the token must be initialized.
+        #[arg(long, env = "KLEIDI_PKCS11_SO_PIN_FILE")]
+        pkcs11_so_pin_file: PathBuf,
+    },
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Which key service wraps the seeds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// A PKCS#11 token (HSM; SoftHSM in development).
+    Pkcs11,
+    /// HashiCorp Vault or OpenBao transit.
+    Vault,
+    /// A TPM 2.0.
+    Tpm,
+}
+
+/// `kleidi serve` flags.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Socket to listen on: unix:///path, /path, or unix:///@name (abstract).
+    #[arg(long, env = "KLEIDI_LISTEN", default_value = "unix:///run/kleidi/kms.sock")]
+    pub listen: Endpoint,
+    /// Socket file mode, octal. kube-apiserver runs as root in most clusters; widen only with a group.
+    #[arg(long, env = "KLEIDI_SOCKET_MODE", default_value = "0600", value_parser = parse_mode)]
+    pub socket_mode: u32,
+    /// Key service.
+    #[arg(long, env = "KLEIDI_BACKEND", value_enum)]
+    pub backend: BackendKind,
+    /// StatusResponse.version: v2 for kube-apiserver >= 1.29, v2beta1 for 1.27 and 1.28.
+    #[arg(long, env = "KLEIDI_STATUS_VERSION", value_enum, default_value_t = StatusVersion::V2)]
+    pub status_version: StatusVersion,
+    /// Bound on each backend call; keep it below the apiserver's KMS timeout (default 3s).
+    #[arg(long, env = "KLEIDI_CALL_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub call_timeout: Duration,
+    /// How long a successful health probe is trusted.
+    #[arg(long, env = "KLEIDI_HEALTH_OK_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub health_ok_ttl: Duration,
+    /// How long a failed health probe is trusted before probing again.
+    #[arg(long, env = "KLEIDI_HEALTH_ERR_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub health_err_ttl: Duration,
+    /// On SIGTERM/SIGINT, how long in-flight calls may take to finish.
+    #[arg(long, env = "KLEIDI_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// PKCS#11 settings (with --backend pkcs11).
+    #[command(flatten)]
+    pub pkcs11: Pkcs11Args,
+    /// Vault / OpenBao transit settings (with --backend vault).
+    #[command(flatten)]
+    pub vault: VaultArgs,
+}
+
+impl ServeArgs {
+    /// The health cache lifetimes.
+    pub fn health_ttl(&self) -> HealthTtl {
+        HealthTtl {
+            ok: self.health_ok_ttl,
+            err: self.health_err_ttl,
+            probe_timeout: self.call_timeout,
+        }
+    }
+}
+
+/// PKCS#11 flags, shared by `serve` and `pkcs11 init`.
+#[derive(Debug, Args, Clone)]
+pub struct Pkcs11Args {
+    /// The PKCS#11 module (shared library).
+    #[arg(
+        long,
+        env = "KLEIDI_PKCS11_MODULE",
+        default_value = "/usr/lib/softhsm/libsofthsm2.so"
+    )]
+    pub pkcs11_module: PathBuf,
+    /// Label of the token holding the key.
+    #[arg(long, env = "KLEIDI_PKCS11_TOKEN_LABEL", default_value = "kleidi")]
+    pub pkcs11_token_label: String,
+    /// File holding the user PIN (one line).
+    // Required with --backend pkcs11 and by `pkcs11 init`; checked when the backend is built, since
+    // `pkcs11 init` has no --backend for clap to condition on.
+    #[arg(long, env = "KLEIDI_PKCS11_PIN_FILE")]
+    pub pkcs11_pin_file: Option<PathBuf>,
+    /// Label of the current AES-256 key-encryption key. Rotate by naming a new key; old keys still decrypt.
+    #[arg(long, env = "KLEIDI_PKCS11_KEY_LABEL", default_value = "kleidi-kek")]
+    pub pkcs11_key_label: String,
+}
+
+/// How kleidi logs in to Vault / OpenBao.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum VaultAuth {
+    /// A token read from --vault-token-file (re-read when the file changes).
+    Token,
+    /// AppRole: --vault-role-id-file and --vault-secret-id-file.
+    Approle,
+    /// JWT/OIDC auth with a token file (projected or externally issued) and --vault-role.
+    Jwt,
+    /// TLS client certificate (--vault-client-cert, --vault-client-key), optional --vault-role.
+    Cert,
+    /// Kubernetes auth: a ServiceAccount token and --vault-role. DaemonSet only: a static pod has no
+    /// ServiceAccount, and TokenReview needs the apiserver kleidi serves.
+    Kubernetes,
+}
+
+/// Vault / OpenBao transit flags. Credentials are always read from files, never from flags.
+#[derive(Debug, Args, Clone)]
+pub struct VaultArgs {
+    /// Vault address; repeat for several servers (HA without a load balancer; tried in order).
+    #[arg(
+        long = "vault-addr",
+        env = "KLEIDI_VAULT_ADDR",
+        value_delimiter = ',',
+        required_if_eq("backend", "vault")
+    )]
+    pub vault_addr: Vec<String>,
+    /// Mount path of the transit secrets engine.
+    #[arg(long, env = "KLEIDI_VAULT_TRANSIT_MOUNT", default_value = "transit")]
+    pub vault_transit_mount: String,
+    /// Transit key name. It must exist: kleidi never creates keys.
+    #[arg(long, env = "KLEIDI_VAULT_KEY", required_if_eq("backend", "vault"))]
+    pub vault_key: Option<String>,
+    /// Auth method.
+    #[arg(long, env = "KLEIDI_VAULT_AUTH", value_enum, default_value_t = VaultAuth::Token)]
+    pub vault_auth: VaultAuth,
+    /// Mount path of the auth method (default: the method's name, e.g. approle, jwt, cert, kubernetes).
+    #[arg(long, env = "KLEIDI_VAULT_AUTH_MOUNT")]
+    pub vault_auth_mount: Option<String>,
+    /// File holding a Vault token (auth token).
+    #[arg(long, env = "KLEIDI_VAULT_TOKEN_FILE")]
+    pub vault_token_file: Option<PathBuf>,
+    /// File holding the AppRole role_id.
+    #[arg(long, env = "KLEIDI_VAULT_ROLE_ID_FILE")]
+    pub vault_role_id_file: Option<PathBuf>,
+    /// File holding the AppRole secret_id.
+    #[arg(long, env = "KLEIDI_VAULT_SECRET_ID_FILE")]
+    pub vault_secret_id_file: Option<PathBuf>,
+    /// File holding the JWT (auth jwt) or ServiceAccount token (auth kubernetes).
+    #[arg(long, env = "KLEIDI_VAULT_JWT_FILE")]
+    pub vault_jwt_file: Option<PathBuf>,
+    /// Role to log in as (jwt, kubernetes, cert).
+    #[arg(long, env = "KLEIDI_VAULT_ROLE")]
+    pub vault_role: Option<String>,
+    /// CA bundle (PEM) to verify Vault's certificate; verification is always on.
+    #[arg(long, env = "KLEIDI_VAULT_CA_FILE")]
+    pub vault_ca_file: Option<PathBuf>,
+    /// TLS server name to verify, when it differs from the address's host.
+    #[arg(long, env = "KLEIDI_VAULT_SERVER_NAME")]
+    pub vault_server_name: Option<String>,
+    /// Client certificate (PEM) for TLS and auth cert.
+    #[arg(long, env = "KLEIDI_VAULT_CLIENT_CERT")]
+    pub vault_client_cert: Option<PathBuf>,
+    /// Client key (PEM) for TLS and auth cert.
+    #[arg(long, env = "KLEIDI_VAULT_CLIENT_KEY")]
+    pub vault_client_key: Option<PathBuf>,
+    /// Vault Enterprise / OpenBao namespace.
+    #[arg(long, env = "KLEIDI_VAULT_NAMESPACE")]
+    pub vault_namespace: Option<String>,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|e| format!("{s:?} is not an octal mode: {e}"))?;
+    if mode & !0o777 != 0 {
+        return Err(format!("{s:?}: only permission bits (0777) are allowed"));
+    }
+    if mode & 0o007 != 0 {
+        return Err(format!(
+            "{s:?}: refusing a socket other users can reach; use a group (0660)"
+        ));
+    }
+    Ok(mode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_flags_parse_into_typed_values() {
+        let cli = Cli::try_parse_from([
+            "kleidi",
+            "serve",
+            "--listen",
+            "unix:///run/kleidi/kms.sock",
+            "--backend",
+            "pkcs11",
+            "--pkcs11-module",
+            "/m.so",
+            "--pkcs11-token-label",
+            "t",
+            "--pkcs11-pin-file",
+            "/p",
+            "--pkcs11-key-label",
+            "k",
+            "--call-timeout",
+            "750ms",
+            "--socket-mode",
+            "0660",
+        ])
+        .unwrap();
+        let Command::Serve(s) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(s.listen, Endpoint::Path("/run/kleidi/kms.sock".into()));
+        assert_eq!(s.call_timeout, Duration::from_millis(750));
+        assert_eq!(s.socket_mode, 0o660);
+        assert_eq!(
+            s.pkcs11.pkcs11_pin_file.as_deref(),
+            Some(std::path::Path::new("/p"))
+        );
+    }
+
+    #[test]
+    fn world_accessible_socket_modes_are_refused() {
+        assert!(parse_mode("0666").is_err());
+        assert!(parse_mode("0600").is_ok());
+        assert!(parse_mode("1777").is_err());
+    }
+
+    #[test]
+    fn pkcs11_init_parses_without_a_backend_flag() {
+        let cli = Cli::try_parse_from([
+            "kleidi", "pkcs11", "init", "--pkcs11-pin-file", "/p", "--pkcs11-so-pin-file", "/so",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::Pkcs11(Pkcs11Command::Init { .. })));
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,87 @@
+//! The `kleidi` binary: parse flags, build the backend and its layers, serve on the socket until
+//! SIGTERM/SIGINT. Everything with logic lives in the library.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use kleidi::config::{Cli, Command, LogFormat, Pkcs11Command, ServeArgs};
+use kleidi::grpc::{KmsV1, KmsV2};
+use kleidi::guard::Guarded;
+use kleidi::health::Healthy;
+use kleidi::proto::{v1beta1, v2};
+use kleidi::server::Listener;
+use kleidi::{KeyService, backend};
+
+/// Largest request accepted on the wire: a 1 KiB ciphertext plus 32 KiB of annotations, with room.
+const MAX_MESSAGE: usize = 64 * 1024;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Serve(args) => serve(*args).await,
+        Command::Pkcs11(Pkcs11Command::Init {
+            pkcs11,
+            pkcs11_so_pin_file,
+        }) => backend::pkcs11_init(&pkcs11, &pkcs11_so_pin_file).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(class = err.class(), "{err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> kleidi::Result<()> {
+    let backend: Arc<dyn KeyService> = backend::build(&args).await?;
+    let svc = Arc::new(Healthy::new(
+        Guarded::new(backend, args.call_timeout),
+        args.health_ttl(),
+    ));
+    let v2 = v2::key_management_service_server::KeyManagementServiceServer::new(KmsV2::new(
+        svc.clone(),
+        args.status_version,
+    ))
+    .max_decoding_message_size(MAX_MESSAGE);
+    let v1 = v1beta1::key_management_service_server::KeyManagementServiceServer::new(KmsV1::new(svc.clone()))
+        .max_decoding_message_size(MAX_MESSAGE);
+    let listener = Listener::bind(&args.listen, args.socket_mode)?;
+    // Probe once before the first poll, so the log says at startup whether the backend works.
+    let health = svc.health().await;
+    tracing::info!(healthz = %health.healthz, key_id = %health.key_id, "initial health");
+    let router = tonic::transport::Server::builder()
+        .add_service(v2)
+        .add_service(v1);
+    listener
+        .serve(router, shutdown_signal(), args.shutdown_grace)
+        .await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KLEIDI_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

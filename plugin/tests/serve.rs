@@ -1,0 +1,456 @@
+//! `kleidi serve` end to end: the real binary, a real SoftHSM token, a real Unix socket, the gRPC
+//! services kube-apiserver calls. What a cluster operator relies on, one test each.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)] // tests
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use kleidi::proto::{v1beta1, v2};
+use support::{KEK, Kleidi, PIN, Token, seed};
+use tonic::Code;
+
+async fn encrypt(k: &Kleidi, plaintext: Vec<u8>) -> Result<v2::EncryptResponse, tonic::Status> {
+    k.v2()
+        .await
+        .encrypt(v2::EncryptRequest {
+            plaintext,
+            uid: "test".into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn decrypt(k: &Kleidi, e: &v2::EncryptResponse) -> Result<Vec<u8>, tonic::Status> {
+    decrypt_parts(k, e.ciphertext.clone(), e.key_id.clone(), e.annotations.clone()).await
+}
+
+async fn decrypt_parts(
+    k: &Kleidi,
+    ciphertext: Vec<u8>,
+    key_id: String,
+    annotations: HashMap<String, Vec<u8>>,
+) -> Result<Vec<u8>, tonic::Status> {
+    k.v2()
+        .await
+        .decrypt(v2::DecryptRequest {
+            ciphertext,
+            uid: "test".into(),
+            key_id,
+            annotations,
+        })
+        .await
+        .map(|r| r.into_inner().plaintext)
+}
+
+async fn status(k: &Kleidi) -> v2::StatusResponse {
+    k.v2()
+        .await
+        .status(v2::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test]
+async fn v2_seed_round_trips_through_the_socket_with_the_status_key_id() {
+    let token = Token::new();
+    let k = Kleidi::start(&token, KEK, &[]);
+    let st = status(&k).await;
+    assert_eq!((st.version.as_str(), st.healthz.as_str()), ("v2", "ok"));
+    assert!(st.key_id.starts_with("pkcs11:kek-1:"), "{}", st.key_id);
+
+    let s = seed();
+    let enc = encrypt(&k, s.clone()).await.unwrap();
+    assert_eq!(
+        enc.key_id, st.key_id,
+        "Encrypt and Status must agree or the apiserver discards the seed"
+    );
+    assert!(
+        !enc.ciphertext.windows(s.len()).any(|w| w == s),
+        "seed visible in ciphertext"
+    );
+    assert!(enc.ciphertext.len() <= 1024);
+    assert!(enc.annotations.contains_key("format.kleidi.dev"));
+    assert_eq!(decrypt(&k, &enc).await.unwrap(), s);
+
+    let again = encrypt(&k, s.clone()).await.unwrap();
+    assert_ne!(again.ciphertext, enc.ciphertext, "a fresh IV per call");
+}
+
+#[tokio::test]
+async fn v1beta1_dek_round_trips_for_clusters_still_on_kms_v1() {
+    let token = Token::new();
+    let k = Kleidi::start(&token, KEK, &[]);
+    let mut v1 = k.v1().await;
+    let version = v1
+        .version(v1beta1::VersionRequest {
+            version: "v1beta1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (version.version.as_str(), version.runtime_name.as_str()),
+        ("v1beta1", "kleidi")
+    );
+    let dek = seed();
+    let enc = v1
+        .encrypt(v1beta1::EncryptRequest {
+            version: "v1beta1".into(),
+            plain: dek.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let dec = v1
+        .decrypt(v1beta1::DecryptRequest {
+            version: "v1beta1".into(),
+            cipher: enc.cipher.clone(),
+        })
+        .await;
+    assert_eq!(dec.unwrap().into_inner().plain, dek);
+
+    let wrong = v1
+        .encrypt(v1beta1::EncryptRequest {
+            version: "v2".into(),
+            plain: dek,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::InvalidArgument);
+    let mut cipher = enc.cipher;
+    *cipher.last_mut().unwrap() ^= 1;
+    let bad = v1
+        .decrypt(v1beta1::DecryptRequest {
+            version: "v1beta1".into(),
+            cipher,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn status_version_flag_serves_1_27_and_1_28_clusters() {
+    let token = Token::new();
+    let k = Kleidi::start(&token, KEK, &["--status-version", "v2beta1"]);
+    assert_eq!(status(&k).await.version, "v2beta1");
+}
+
+#[tokio::test]
+async fn rotation_to_a_new_key_label_changes_key_id_and_old_seeds_still_decrypt() {
+    let token = Token::new();
+    let mut k = Kleidi::start(&token, KEK, &[]);
+    let old_status = status(&k).await;
+    let s = seed();
+    let old = encrypt(&k, s.clone()).await.unwrap();
+
+    token.init_key("kek-2");
+    k.signal("TERM");
+    assert_eq!(k.wait(Duration::from_secs(10)), Some(0));
+    let k2 = Kleidi::start(&token, "kek-2", &[]);
+    let new_status = status(&k2).await;
+    assert_ne!(new_status.key_id, old_status.key_id);
+    assert_eq!(encrypt(&k2, seed()).await.unwrap().key_id, new_status.key_id);
+    assert_eq!(
+        decrypt(&k2, &old).await.unwrap(),
+        s,
+        "a seed wrapped by the previous key must still unwrap"
+    );
+}
+
+#[tokio::test]
+async fn pkcs11_init_is_idempotent() {
+    let token = Token::new();
+    let k = Kleidi::start(&token, KEK, &[]);
+    let before = status(&k).await.key_id;
+    token.init_key(KEK); // again: must neither re-initialize the token nor replace the key
+    drop(k);
+    let k = Kleidi::start(&token, KEK, &[]);
+    assert_eq!(status(&k).await.key_id, before);
+}
+
+#[tokio::test]
+async fn bad_input_gets_invalid_argument_and_loses_nothing() {
+    let token = Token::new();
+    token.init_key("kek-2");
+    let k = Kleidi::start(&token, KEK, &[]);
+    let s = seed();
+    let good = encrypt(&k, s.clone()).await.unwrap();
+    let other_key = {
+        let k2 = Kleidi::start_on(&token, "kek-2", "other.sock");
+        encrypt(&k2, seed()).await.unwrap()
+    };
+
+    assert_eq!(
+        encrypt(&k, vec![]).await.unwrap_err().code(),
+        Code::InvalidArgument,
+        "empty plaintext"
+    );
+    assert_eq!(
+        encrypt(&k, vec![1; 513]).await.unwrap_err().code(),
+        Code::InvalidArgument,
+        "oversized plaintext"
+    );
+    let huge = encrypt(&k, vec![1; 100 * 1024]).await.unwrap_err();
+    // Rejected by the gRPC layer (64 KiB message limit) before the service sees it.
+    assert_eq!(huge.code(), Code::OutOfRange, "{huge:?}");
+
+    type Case = (&'static str, Vec<u8>, String, HashMap<String, Vec<u8>>);
+    let mut cases: Vec<Case> = Vec::new();
+    for i in 0..good.ciphertext.len() {
+        let mut c = good.ciphertext.clone();
+        c[i] ^= 0x80;
+        cases.push((
+            "tampered ciphertext byte",
+            c,
+            good.key_id.clone(),
+            good.annotations.clone(),
+        ));
+    }
+    cases.push((
+        "truncated",
+        good.ciphertext[..good.ciphertext.len() - 1].to_vec(),
+        good.key_id.clone(),
+        good.annotations.clone(),
+    ));
+    cases.push((
+        "empty ciphertext",
+        vec![],
+        good.key_id.clone(),
+        good.annotations.clone(),
+    ));
+    cases.push((
+        "another key's key_id",
+        good.ciphertext.clone(),
+        other_key.key_id.clone(),
+        good.annotations.clone(),
+    ));
+    cases.push((
+        "unknown key_id",
+        good.ciphertext.clone(),
+        "pkcs11:kek-9:00112233".into(),
+        good.annotations.clone(),
+    ));
+    cases.push((
+        "garbage key_id",
+        good.ciphertext.clone(),
+        "\u{0}\u{1}".into(),
+        good.annotations.clone(),
+    ));
+    cases.push((
+        "no annotations",
+        good.ciphertext.clone(),
+        good.key_id.clone(),
+        HashMap::new(),
+    ));
+    let mut unknown_format = good.annotations.clone();
+    unknown_format.insert("format.kleidi.dev".into(), b"pkcs11-aes-256-gcm-v9".to_vec());
+    cases.push((
+        "unknown format version",
+        good.ciphertext.clone(),
+        good.key_id.clone(),
+        unknown_format,
+    ));
+    let mut bad_key = good.annotations.clone();
+    bad_key.insert("Not_A_Domain".into(), b"x".to_vec());
+    cases.push((
+        "annotation key not a DNS name",
+        good.ciphertext.clone(),
+        good.key_id.clone(),
+        bad_key,
+    ));
+    for (what, c, key_id, ann) in cases {
+        let err = decrypt_parts(&k, c, key_id, ann).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+    }
+
+    assert_eq!(
+        status(&k).await.healthz,
+        "ok",
+        "bad input must not make the plugin unhealthy"
+    );
+    assert_eq!(
+        decrypt(&k, &good).await.unwrap(),
+        s,
+        "the good ciphertext still decrypts"
+    );
+    let logs = k.logs();
+    assert!(logs.contains("decrypt failed"), "each bad call logs a line");
+    assert!(!logs.contains("panicked"), "{logs}");
+}
+
+#[tokio::test]
+async fn many_concurrent_callers_all_round_trip() {
+    let token = Token::new();
+    let k = Kleidi::start(&token, KEK, &[]);
+    let channel = k.channel().await;
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let mut client = v2::key_management_service_client::KeyManagementServiceClient::new(channel.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                let s = seed();
+                let e = client
+                    .encrypt(v2::EncryptRequest {
+                        plaintext: s.clone(),
+                        uid: "c".into(),
+                    })
+                    .await?
+                    .into_inner();
+                let d = client
+                    .decrypt(v2::DecryptRequest {
+                        ciphertext: e.ciphertext,
+                        uid: "c".into(),
+                        key_id: e.key_id,
+                        annotations: e.annotations,
+                    })
+                    .await?
+                    .into_inner();
+                assert_eq!(d.plaintext, s);
+            }
+            Ok::<_, tonic::Status>(())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn token_loss_is_unavailable_and_the_same_process_recovers_when_it_returns() {
+    let token = Token::new();
+    let k = Kleidi::start(
+        &token,
+        KEK,
+        &["--health-ok-ttl", "200ms", "--health-err-ttl", "200ms"],
+    );
+    let s = seed();
+    let before = encrypt(&k, s.clone()).await.unwrap();
+
+    let dir = token.token_dir();
+    let away = token.dir.path().join("away");
+    std::fs::rename(&dir, &away).unwrap();
+    let err = encrypt(&k, seed()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let err = decrypt(&k, &before).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::Unavailable,
+        "a lost token is not bad ciphertext: {err:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let st = status(&k).await;
+    assert_ne!(st.healthz, "ok");
+    assert_eq!(st.key_id, before.key_id, "the last known key_id stays in Status");
+
+    std::fs::rename(&away, &dir).unwrap();
+    // SoftHSM only rescans its token directory on C_Initialize, so the backend reloads the module
+    // (at most once a second): recovery takes about a second, with no restart.
+    let back = std::time::Instant::now();
+    let plain = loop {
+        match decrypt(&k, &before).await {
+            Ok(p) => break p,
+            Err(e) if back.elapsed() < Duration::from_secs(5) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("no recovery within 5 s of the token's return: {e:?}"),
+        }
+    };
+    assert_eq!(plain, s);
+    assert_eq!(encrypt(&k, seed()).await.unwrap().key_id, before.key_id);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(status(&k).await.healthz, "ok");
+    assert!(k.logs().contains("token_lost"));
+}
+
+#[tokio::test]
+async fn sigterm_stops_gracefully_and_removes_the_socket() {
+    let token = Token::new();
+    let mut k = Kleidi::start(&token, KEK, &[]);
+    assert_eq!(status(&k).await.healthz, "ok");
+    k.signal("TERM");
+    assert_eq!(k.wait(Duration::from_secs(10)), Some(0));
+    assert!(!k.socket.exists(), "socket left behind");
+}
+
+#[tokio::test]
+async fn a_crashed_instance_socket_is_replaced_but_a_live_one_is_not_stolen() {
+    let token = Token::new();
+    let mut first = Kleidi::start(&token, KEK, &[]);
+
+    let log = token.dir.path().join("second.log");
+    let mut second = Kleidi::spawn(&token, KEK, &first.socket, &log, &[]);
+    let code = second.wait().unwrap().code();
+    assert_ne!(code, Some(0));
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("another process is serving")
+    );
+    assert_eq!(
+        status(&first).await.healthz,
+        "ok",
+        "the live instance keeps its socket"
+    );
+
+    first.signal("KILL");
+    first.wait(Duration::from_secs(10));
+    assert!(first.socket.exists(), "a crash leaves the socket file behind");
+    let again = Kleidi::start(&token, KEK, &[]);
+    assert_eq!(status(&again).await.healthz, "ok");
+}
+
+#[tokio::test]
+async fn logs_carry_no_pin_and_no_key_material() {
+    let token = Token::new();
+    let k = Kleidi::start(&token, KEK, &[]);
+    let s = seed();
+    let e = encrypt(&k, s.clone()).await.unwrap();
+    decrypt(&k, &e).await.unwrap();
+    let mut c = e.ciphertext.clone();
+    c[5] ^= 1;
+    let _ = decrypt_parts(&k, c, e.key_id.clone(), e.annotations.clone()).await;
+    let logs = k.logs();
+    assert!(logs.contains("encrypt ok"), "debug logging was on: {logs}");
+    assert!(!logs.contains(PIN));
+    for needle in [hex::encode(&s), format!("{s:?}"), hex::encode(&e.ciphertext)] {
+        assert!(!logs.contains(&needle));
+    }
+}
+
+#[test]
+fn grpcio_client_works_with_every_authority_kube_apiserver_and_c_core_send() {
+    let token = Token::new();
+    let k = Kleidi::start(&token, KEK, &[]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/grpcio_client.py");
+    for authority in ["path", "percent", "localhost"] {
+        let out = std::process::Command::new("python3")
+            .args([
+                script,
+                "--socket",
+                k.socket.to_str().unwrap(),
+                "--authority",
+                authority,
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "grpcio with :authority {authority} failed: {stdout}\n{}\nkleidi log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            k.logs()
+        );
+        assert!(stdout.contains("\"ok\": true"), "{stdout}");
+    }
+}

@@ -1,0 +1,126 @@
+//! The real `kleidi serve --backend vault` binary on a Unix socket in a temp dir, with its stderr
+//! (debug level) in a file, and the tonic client kube-apiserver's role uses.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kleidi::proto::v2;
+use kleidi::proto::v2::key_management_service_client::KeyManagementServiceClient;
+use tonic::transport::Channel;
+
+/// A running `kleidi serve`; killed on drop.
+pub struct Kleidi {
+    child: Child,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Kleidi {
+    /// `kleidi serve --backend vault --vault-addr ADDR --vault-key KEY` plus `flags`, logging at
+    /// debug; waits until the socket accepts connections.
+    pub fn start(addr: &str, key: &str, flags: &[&str]) -> Self {
+        Self::start_logging("debug", addr, key, flags)
+    }
+
+    /// [`Kleidi::start`] with `KLEIDI_LOG=filter`.
+    pub fn start_logging(filter: &str, addr: &str, key: &str, flags: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("kms.sock");
+        let log = dir.path().join("kleidi.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_kleidi"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("unix://{}", socket.display()))
+            .args(["--backend", "vault", "--vault-addr", addr, "--vault-key", key])
+            .args(flags)
+            .env("KLEIDI_LOG", filter)
+            .env_remove("VAULT_ADDR")
+            .env_remove("VAULT_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut kleidi = Self {
+            child,
+            socket,
+            log,
+            _dir: dir,
+        };
+        let started = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&kleidi.socket).is_err() {
+            if let Some(status) = kleidi.child.try_wait().unwrap() {
+                panic!("kleidi exited ({status}); log:\n{}", kleidi.logs());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "kleidi did not listen within 20 s; log:\n{}",
+                kleidi.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        kleidi
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// A v2 client over the socket (`unix:` endpoint, as in the interop tests).
+    pub async fn v2(&self) -> KeyManagementServiceClient<Channel> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("unix:{}", self.socket.display()))
+            .unwrap()
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .unwrap();
+        KeyManagementServiceClient::new(channel)
+    }
+
+    pub async fn status(&self) -> v2::StatusResponse {
+        self.v2()
+            .await
+            .status(v2::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    pub async fn encrypt(&self, plaintext: &[u8]) -> Result<v2::EncryptResponse, tonic::Status> {
+        self.v2()
+            .await
+            .encrypt(v2::EncryptRequest {
+                plaintext: plaintext.to_vec(),
+                uid: uuid::Uuid::new_v4().to_string(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn decrypt(&self, encrypted: &v2::EncryptResponse) -> Result<Vec<u8>, tonic::Status> {
+        self.v2()
+            .await
+            .decrypt(v2::DecryptRequest {
+                ciphertext: encrypted.ciphertext.clone(),
+                uid: uuid::Uuid::new_v4().to_string(),
+                key_id: encrypted.key_id.clone(),
+                annotations: encrypted.annotations.clone(),
+            })
+            .await
+            .map(|r| r.into_inner().plaintext)
+    }
+}
+
+impl Drop for Kleidi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
