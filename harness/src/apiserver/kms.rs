@@ -87,32 +87,41 @@ pub struct GrpcKms {
 }
 
 /// Connects to a plugin socket (a path, `unix:` prefix optional) with the given `:authority` and the
-/// default 3 s per-call deadline.
+/// default 3 s per-call deadline. Fails if nothing listens there now.
 pub async fn connect_unix(path: impl AsRef<Path>, authority: Authority) -> Result<GrpcKms, Error> {
-    let path = path.as_ref().to_string_lossy().into_owned();
+    let (path, endpoint) = endpoint(path.as_ref(), authority)?;
+    let channel = endpoint.connect().await.map_err(|e| Error::Connect {
+        path,
+        reason: format!("{e}: {}", source_chain(&e)),
+    })?;
+    Ok(GrpcKms::new(channel))
+}
+
+/// Like [`connect_unix`], but connects on the first call and reconnects after failures, as grpc-go
+/// with `WaitForReady`: for an apiserver that starts before its plugin, or outlives a plugin crash.
+pub fn connect_unix_lazy(path: impl AsRef<Path>, authority: Authority) -> Result<GrpcKms, Error> {
+    let (_, endpoint) = endpoint(path.as_ref(), authority)?;
+    Ok(GrpcKms::new(endpoint.connect_lazy()))
+}
+
+fn endpoint(path: &Path, authority: Authority) -> Result<(String, Endpoint), Error> {
+    let path = path.to_string_lossy();
     let path = path
         .strip_prefix("unix://")
         .or_else(|| path.strip_prefix("unix:"))
         .unwrap_or(&path)
         .to_owned();
-    let failed = |reason: String| Error::Connect {
-        path: path.clone(),
-        reason,
-    };
     let origin = match authority {
         Authority::Localhost => Uri::from_static("http://localhost"),
     };
-    let channel = Endpoint::from_shared(format!("unix:{path}"))
-        .map_err(|e| failed(e.to_string()))?
+    let endpoint = Endpoint::from_shared(format!("unix:{path}"))
+        .map_err(|e| Error::Connect {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?
         .origin(origin)
-        .connect_timeout(DEFAULT_TIMEOUT)
-        .connect()
-        .await
-        .map_err(|e| failed(format!("{e}: {}", source_chain(&e))))?;
-    Ok(GrpcKms {
-        client: KeyManagementServiceClient::new(channel),
-        timeout: DEFAULT_TIMEOUT,
-    })
+        .connect_timeout(DEFAULT_TIMEOUT);
+    Ok((path, endpoint))
 }
 
 fn source_chain(error: &dyn std::error::Error) -> String {
@@ -126,6 +135,13 @@ fn source_chain(error: &dyn std::error::Error) -> String {
 }
 
 impl GrpcKms {
+    fn new(channel: Channel) -> Self {
+        Self {
+            client: KeyManagementServiceClient::new(channel),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
     /// Replaces the per-call deadline (the provider config's `timeout`).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;

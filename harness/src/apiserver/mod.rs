@@ -2,7 +2,7 @@
 //! plugin. Reading order: [`envelope`] (writes, reads, probe and rotation) → [`encrypted_object`] (the
 //! stored message, validation, cache key) → [`aes`] (the two data layouts) → [`kms`] (the plugin
 //! client and the upstream test KEK) → [`inputs`] (randomness, clock). [`object`] builds and parses the
-//! Secrets that get encrypted; [`audit`] classifies raw etcd values without decrypting. Processes
+//! Secrets that get encrypted; [`audit`] classifies raw etcd values without decrypting; [`store`] moves raw bytes in and out of etcd. Processes
 //! (etcd, the plugin) live in the runtime, not here.
 
 pub mod aes;
@@ -13,7 +13,9 @@ mod error;
 pub mod inputs;
 pub mod kms;
 pub mod object;
+pub mod store;
 
 pub use envelope::{Envelope, Probe, Stats};
 pub use error::Error;
-pub use kms::{Authority, Base64Kek, GrpcKms, KmsClient, connect_unix};
+pub use kms::{Authority, Base64Kek, GrpcKms, KmsClient, connect_unix, connect_unix_lazy};
+pub use store::{EtcdStore, EtcdTls, Storage, StoreError};

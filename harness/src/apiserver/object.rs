@@ -60,6 +60,9 @@ pub enum ObjectError {
         /// 1-based column.
         column: usize,
     },
+    /// The etcd key is not `…/secrets/<namespace>/<name>`, or names another object than the Secret.
+    #[error("key {0:?} is not <prefix>/secrets/<namespace>/<name> of this Secret")]
+    Key(String),
     /// A timestamp is outside the representable range.
     #[error("timestamp {0} s is out of range")]
     Time(i64),
@@ -132,6 +135,38 @@ pub fn new_secret(namespace: &str, name: &str, data: BTreeMap<String, Vec<u8>>) 
         type_: Some("Opaque".to_owned()),
         ..Default::default()
     }
+}
+
+/// Makes a Secret someone hands in (say `kubectl get secret -o json`) what the apiserver would store at
+/// `key` (`…/secrets/<namespace>/<name>`): name and namespace from the key where absent (a mismatch is an
+/// error), a UID and creation time where absent, `stringData` merged into `data`, and no
+/// `resourceVersion` (etcd's revision is the resource version; it is never stored).
+pub fn for_key(mut secret: Secret, key: &str) -> Result<Secret, ObjectError> {
+    let mut parts = key.rsplit('/');
+    let (name, namespace, resource) = (parts.next(), parts.next(), parts.next());
+    let (Some(name), Some(namespace), Some("secrets")) = (name, namespace, resource) else {
+        return Err(ObjectError::Key(key.to_owned()));
+    };
+    if name.is_empty() || namespace.is_empty() {
+        return Err(ObjectError::Key(key.to_owned()));
+    }
+    let meta = &mut secret.metadata;
+    for (field, want) in [(&mut meta.name, name), (&mut meta.namespace, namespace)] {
+        match field.as_deref() {
+            None | Some("") => *field = Some(want.to_owned()),
+            Some(have) if have == want => {}
+            Some(_) => return Err(ObjectError::Key(key.to_owned())),
+        }
+    }
+    let template = new_secret(namespace, name, BTreeMap::new()).metadata;
+    meta.uid = meta.uid.take().filter(|u| !u.is_empty()).or(template.uid);
+    meta.creation_timestamp = meta.creation_timestamp.take().or(template.creation_timestamp);
+    meta.resource_version = None;
+    if let Some(strings) = secret.string_data.take() {
+        let data = secret.data.get_or_insert_with(BTreeMap::new);
+        data.extend(strings.into_iter().map(|(k, v)| (k, ByteString(v.into_bytes()))));
+    }
+    Ok(secret)
 }
 
 /// Serializes a Secret for storage.

@@ -20,7 +20,10 @@ pub fn kleidi_bin() -> Result<PathBuf> {
             return Ok(candidate);
         }
     }
-    bail!("no kleidi binary beside {}: run `cargo build -p kleidi` or set KLEIDI_BIN", exe.display())
+    bail!(
+        "no kleidi binary beside {}: run `cargo build -p kleidi` or set KLEIDI_BIN",
+        exe.display()
+    )
 }
 
 /// A running `kleidi serve --backend pkcs11`.

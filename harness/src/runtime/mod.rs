@@ -8,7 +8,7 @@ mod kleidi;
 mod process;
 mod softhsm;
 
-pub use etcd::Etcd;
+pub use etcd::{Etcd, EtcdServerTls};
 pub use kleidi::{KleidiPlugin, kleidi_bin};
 pub use process::Process;
 pub use softhsm::SoftHsmToken;

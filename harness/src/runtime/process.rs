@@ -35,8 +35,17 @@ impl Process {
         env: &[(String, String)],
         log: &Path,
     ) -> Result<Self> {
-        let spec = Spec { program: program.to_path_buf(), args: args.to_vec(), env: env.to_vec() };
-        let mut p = Process { name: name.into(), spec, log: log.to_path_buf(), child: None };
+        let spec = Spec {
+            program: program.to_path_buf(),
+            args: args.to_vec(),
+            env: env.to_vec(),
+        };
+        let mut p = Process {
+            name: name.into(),
+            spec,
+            log: log.to_path_buf(),
+            child: None,
+        };
         p.start()?;
         Ok(p)
     }
@@ -46,7 +55,10 @@ impl Process {
         if self.is_running() {
             bail!("{} is already running", self.name);
         }
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         let child = Command::new(&self.spec.program)
             .args(&self.spec.args)
             .envs(self.spec.env.iter().cloned())
@@ -62,12 +74,16 @@ impl Process {
 
     /// Whether the process is alive (a paused one is).
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Graceful stop: SIGTERM, then SIGKILL after `grace`. Returns the exit code if it exited.
     pub async fn stop(&mut self, grace: Duration) -> Result<Option<i32>> {
-        let Some(mut child) = self.child.take() else { return Ok(None) };
+        let Some(mut child) = self.child.take() else {
+            return Ok(None);
+        };
         if let Some(pid) = child.id() {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
@@ -106,7 +122,11 @@ impl Process {
     }
 
     fn signal(&self, sig: Signal) -> Result<()> {
-        let pid = self.child.as_ref().and_then(Child::id).with_context(|| format!("{} is not running", self.name))?;
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .with_context(|| format!("{} is not running", self.name))?;
         kill(Pid::from_raw(pid as i32), sig).with_context(|| format!("{sig} to {}", self.name))
     }
 

@@ -26,12 +26,24 @@ impl SoftHsmToken {
         std::fs::create_dir(&tokens)?;
         std::fs::write(
             dir.path().join("softhsm2.conf"),
-            format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", tokens.display()),
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
         )?;
         // Random PINs: nothing about a test token is guessable from the repository.
-        std::fs::write(dir.path().join("pin"), format!("{}\n", uuid::Uuid::new_v4().simple()))?;
-        std::fs::write(dir.path().join("so-pin"), format!("{}\n", uuid::Uuid::new_v4().simple()))?;
-        let token = SoftHsmToken { label: label.into(), dir };
+        std::fs::write(
+            dir.path().join("pin"),
+            format!("{}\n", uuid::Uuid::new_v4().simple()),
+        )?;
+        std::fs::write(
+            dir.path().join("so-pin"),
+            format!("{}\n", uuid::Uuid::new_v4().simple()),
+        )?;
+        let token = SoftHsmToken {
+            label: label.into(),
+            dir,
+        };
         token.add_key(kleidi, key_label)?;
         Ok(token)
     }
@@ -47,7 +59,10 @@ impl SoftHsmToken {
             .output()
             .with_context(|| format!("running {}", kleidi.display()))?;
         if !out.status.success() {
-            bail!("kleidi pkcs11 init failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "kleidi pkcs11 init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(())
     }
@@ -63,7 +78,8 @@ impl SoftHsmToken {
         let mut dirs = std::fs::read_dir(self.dir.path().join("tokens"))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_dir());
-        dirs.next().context("the token has no directory (was it removed?)")
+        dirs.next()
+            .context("the token has no directory (was it removed?)")
     }
 
     /// The scratch dir this token lives in (logs and sockets may go here too).
@@ -74,10 +90,14 @@ impl SoftHsmToken {
     /// The `--pkcs11-*` flags that reach this token with key `key_label`.
     pub fn flags(&self, key_label: &str) -> Vec<String> {
         [
-            "--pkcs11-module", SOFTHSM_MODULE,
-            "--pkcs11-token-label", &self.label,
-            "--pkcs11-pin-file", &self.dir.path().join("pin").display().to_string(),
-            "--pkcs11-key-label", key_label,
+            "--pkcs11-module",
+            SOFTHSM_MODULE,
+            "--pkcs11-token-label",
+            &self.label,
+            "--pkcs11-pin-file",
+            &self.dir.path().join("pin").display().to_string(),
+            "--pkcs11-key-label",
+            key_label,
         ]
         .iter()
         .map(|s| s.to_string())

@@ -1,0 +1,238 @@
+//! etcd as kube-apiserver uses it: raw keys and values ([`EtcdStore`], what `etcdctl get` shows,
+//! optionally over TLS with client certificates like etcdctl's `--cacert/--cert/--key`), and the storage
+//! layer that puts objects through the KMS v2 envelope on the way in and out ([`Storage`]). The
+//! transformer itself lives in [`super::envelope`]; this file only moves bytes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
+use zeroize::Zeroizing;
+
+use super::{Envelope, Error};
+
+/// Largest page one range read asks for; a prefix with more keys is read in several pages.
+const PAGE: i64 = 500;
+/// How long connecting and each request may take: a dead etcd must fail a command, not hang it.
+const ETCD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Client certificates for an etcd that requires TLS (the apiserver's `--etcd-cafile`,
+/// `--etcd-certfile`, `--etcd-keyfile`; etcdctl's `--cacert`, `--cert`, `--key`).
+#[derive(Clone, Debug, Default)]
+pub struct EtcdTls {
+    /// CA bundle that signed etcd's serving certificate.
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM).
+    pub cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    pub key: Option<PathBuf>,
+}
+
+/// Why etcd could not be used. Never carries values (they may be in clear).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Connecting or a request failed.
+    #[error("etcd at {endpoints}: {source}")]
+    Etcd {
+        /// The endpoints tried.
+        endpoints: String,
+        /// The client's error.
+        source: etcd_client::Error,
+    },
+    /// A TLS file could not be read or is incomplete.
+    #[error("etcd TLS: {0}")]
+    Tls(String),
+    /// No value under the key.
+    #[error("no value at {0}")]
+    NotFound(String),
+    /// The envelope refused to write or read the value.
+    #[error(transparent)]
+    Envelope(#[from] Error),
+}
+
+/// Raw access to etcd: bytes in, bytes out, nothing decoded.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    endpoints: String,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdStore {
+    /// Connects to `endpoints` (`http://127.0.0.1:2379`, or `https://…` with `tls`).
+    pub async fn connect(endpoints: &[String], tls: &EtcdTls) -> Result<Self, StoreError> {
+        let joined = endpoints.join(",");
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(ETCD_TIMEOUT)
+            .with_timeout(ETCD_TIMEOUT);
+        if tls.ca.is_some() || tls.cert.is_some() || tls.key.is_some() {
+            options = options.with_tls(tls_options(tls)?);
+        }
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(|source| StoreError::Etcd {
+                endpoints: joined.clone(),
+                source,
+            })?;
+        Ok(Self {
+            client,
+            endpoints: joined,
+        })
+    }
+
+    fn failed(&self, source: etcd_client::Error) -> StoreError {
+        StoreError::Etcd {
+            endpoints: self.endpoints.clone(),
+            source,
+        }
+    }
+
+    /// The value at `key`, if any.
+    pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let response = kv.get(key, None).await.map_err(|e| self.failed(e))?;
+        Ok(response.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    /// Writes `value` at `key`.
+    pub async fn put(&self, key: &[u8], value: Vec<u8>) -> Result<(), StoreError> {
+        let mut kv = self.client.kv_client();
+        kv.put(key, value, None).await.map_err(|e| self.failed(e))?;
+        Ok(())
+    }
+
+    /// Deletes `key`; whether it existed.
+    pub async fn delete(&self, key: &[u8]) -> Result<bool, StoreError> {
+        let mut kv = self.client.kv_client();
+        let response = kv.delete(key, None).await.map_err(|e| self.failed(e))?;
+        Ok(response.deleted() > 0)
+    }
+
+    /// Every key and value under `prefix`, in key order, read in pages.
+    pub async fn range(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let end = prefix_end(prefix);
+        let mut kv = self.client.kv_client();
+        let mut out = Vec::new();
+        // etcd has no empty key: the whole keyspace starts at "\0".
+        let mut from = if prefix.is_empty() {
+            vec![0]
+        } else {
+            prefix.to_vec()
+        };
+        loop {
+            let options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            let response = kv
+                .get(from.clone(), Some(options))
+                .await
+                .map_err(|e| self.failed(e))?;
+            out.extend(
+                response
+                    .kvs()
+                    .iter()
+                    .map(|kv| (kv.key().to_vec(), kv.value().to_vec())),
+            );
+            let Some(last) = response.kvs().last() else { break };
+            if !response.more() {
+                break;
+            }
+            // The next page starts just after the last key seen.
+            from = last.key().to_vec();
+            from.push(0);
+        }
+        Ok(out)
+    }
+}
+
+/// etcd's range end for "every key starting with `prefix`": the prefix with its last byte below 0xff
+/// incremented and what follows dropped; `\0` (to the end of the keyspace) if there is none.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+fn tls_options(tls: &EtcdTls) -> Result<TlsOptions, StoreError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|e| StoreError::Tls(format!("reading {}: {e}", path.display())))
+    };
+    let mut options = TlsOptions::new();
+    if let Some(ca) = &tls.ca {
+        options = options.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => {
+            // The key is read into a zeroizing buffer; the client copies it into its own config.
+            let key = Zeroizing::new(read(key)?);
+            options = options.identity(Identity::from_pem(read(cert)?, key.as_slice()));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(StoreError::Tls(
+                "a client certificate needs both --cert and --key".into(),
+            ));
+        }
+    }
+    Ok(options)
+}
+
+/// kube-apiserver's storage path for one KMS v2 provider: objects go through the envelope into etcd
+/// and back, the etcd key being the AAD.
+#[derive(Clone, Debug)]
+pub struct Storage {
+    /// Raw etcd.
+    pub etcd: EtcdStore,
+    /// The provider's envelope.
+    pub envelope: Arc<Envelope>,
+}
+
+impl Storage {
+    /// Storage over `etcd` with `envelope`.
+    pub fn new(etcd: EtcdStore, envelope: Arc<Envelope>) -> Self {
+        Self { etcd, envelope }
+    }
+
+    /// Encrypts `plaintext` (a serialized object) for `key` and writes it; returns the stored bytes.
+    pub async fn put(&self, key: &str, plaintext: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let value = self.envelope.write(key, plaintext)?;
+        self.etcd.put(key.as_bytes(), value.clone()).await?;
+        Ok(value)
+    }
+
+    /// Reads and decrypts the value at `key`: the plaintext, and whether it is stale (written under
+    /// another key ID or seed type than the current one).
+    pub async fn get(&self, key: &str) -> Result<(Zeroizing<Vec<u8>>, bool), StoreError> {
+        let value = self
+            .etcd
+            .get(key.as_bytes())
+            .await?
+            .ok_or_else(|| StoreError::NotFound(key.to_owned()))?;
+        Ok(self.envelope.read(key, &value).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_is_the_next_key_after_every_key_with_the_prefix() {
+        assert_eq!(prefix_end(b"/registry/secrets/"), b"/registry/secrets0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+        assert_eq!(prefix_end(b""), vec![0]);
+    }
+}

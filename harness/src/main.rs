@@ -1,0 +1,290 @@
+//! `kleidi-harness`: the harness as a command. `audit` classifies every raw value under a prefix of
+//! a real etcd (read-only) and exits non-zero if any is stored in clear; `dump` prints one raw value
+//! like `etcdctl get KEY | hexdump -C`; `get` and `put` read and write one object through the KMS v2
+//! envelope and a running plugin, as kube-apiserver would (disaster recovery, scripting); `demo` runs
+//! the whole path on this machine and stops everything it started. Logic lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kleidi_harness::apiserver::object::{self, Encoding};
+use kleidi_harness::apiserver::{Authority, Envelope, EtcdStore, EtcdTls, Storage, connect_unix};
+use kleidi_harness::audit::{self, Audit, Class};
+
+mod demo;
+
+/// Exit code when `audit` finds a value in clear.
+const EXIT_IN_CLEAR: u8 = 1;
+/// Exit code for any other failure (etcd unreachable, bad arguments, plugin errors).
+const EXIT_ERROR: u8 = 2;
+
+/// Plays kube-apiserver's KMS v2 storage role against a real etcd and a KMS plugin.
+#[derive(Debug, Parser)]
+#[command(name = "kleidi-harness", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Classify every raw value under a prefix; exit 1 if any is stored in clear. Read-only.
+    Audit {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// Key prefix to read (`--etcd-prefix` of the apiserver, plus a resource if wanted).
+        #[arg(long, default_value = "/registry/secrets/")]
+        prefix: String,
+        /// One line per key (key and class), not just the summary.
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// Print one raw value as `etcdctl get KEY | hexdump -C` shows it (key, newline, value, newline).
+    Dump {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// etcd key, e.g. /registry/secrets/default/db-password.
+        key: String,
+    },
+    /// Decrypt one value through the plugin and print the object (JSON).
+    Get {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        #[command(flatten)]
+        plugin: PluginArgs,
+        /// Provider name; by default the one in the value's `k8s:enc:kms:v2:<name>:` prefix.
+        #[arg(long)]
+        provider: Option<String>,
+        /// Write the decrypted bytes as stored (protobuf or JSON) instead of a JSON rendering.
+        #[arg(long)]
+        raw: bool,
+        /// etcd key.
+        key: String,
+    },
+    /// Encrypt a Secret (JSON, as `kubectl get secret -o json` prints it) and write it to etcd.
+    Put {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        #[command(flatten)]
+        plugin: PluginArgs,
+        /// Provider name, as in the apiserver's EncryptionConfiguration.
+        #[arg(long)]
+        provider: String,
+        /// Storage encoding.
+        #[arg(long, value_enum, default_value_t = EncodingArg::Protobuf)]
+        encoding: EncodingArg,
+        /// etcd key: <prefix>/secrets/<namespace>/<name>.
+        key: String,
+        /// The Secret as JSON; `-` reads standard input.
+        file: PathBuf,
+    },
+    /// Start etcd, a SoftHSM token and `kleidi serve`, write a Secret through them, show the raw
+    /// bytes, audit them, read the Secret back, and stop everything.
+    Demo(demo::DemoArgs),
+}
+
+/// Where etcd is, and etcdctl's TLS flags.
+#[derive(Debug, Args)]
+struct EtcdArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(
+        long,
+        env = "ETCDCTL_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    etcd: Vec<String>,
+    /// CA bundle for etcd's serving certificate.
+    #[arg(long, env = "ETCDCTL_CACERT")]
+    cacert: Option<PathBuf>,
+    /// Client certificate.
+    #[arg(long, env = "ETCDCTL_CERT")]
+    cert: Option<PathBuf>,
+    /// Client key.
+    #[arg(long = "key", env = "ETCDCTL_KEY")]
+    key_file: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    async fn connect(&self) -> Result<EtcdStore> {
+        let tls = EtcdTls {
+            ca: self.cacert.clone(),
+            cert: self.cert.clone(),
+            key: self.key_file.clone(),
+        };
+        Ok(EtcdStore::connect(&self.etcd, &tls).await?)
+    }
+}
+
+/// Where the plugin is.
+#[derive(Debug, Args)]
+struct PluginArgs {
+    /// The plugin's socket (`unix:///path` or a path).
+    #[arg(long)]
+    plugin: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum EncodingArg {
+    Protobuf,
+    Json,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command).await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("kleidi-harness: {err:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Audit {
+            etcd,
+            prefix,
+            verbose,
+        } => audit(&etcd, &prefix, verbose).await,
+        Command::Dump { etcd, key } => {
+            let value = etcd.connect().await?.get(key.as_bytes()).await?;
+            let value = value.with_context(|| format!("no value at {key}"))?;
+            print!(
+                "{}",
+                audit::hexdump(&[key.as_bytes(), b"\n", &value, b"\n"].concat())
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Get {
+            etcd,
+            plugin,
+            provider,
+            raw,
+            key,
+        } => {
+            get(&etcd, &plugin, provider, raw, &key).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Put {
+            etcd,
+            plugin,
+            provider,
+            encoding,
+            key,
+            file,
+        } => {
+            put(&etcd, &plugin, &provider, encoding, &key, &file).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(args) => demo::run(args).await,
+    }
+}
+
+async fn audit(etcd: &EtcdArgs, prefix: &str, verbose: bool) -> Result<ExitCode> {
+    let values = etcd.connect().await?.range(prefix.as_bytes()).await?;
+    let mut audit = Audit::new();
+    for (key, value) in &values {
+        let class = audit.add(key, value);
+        if verbose {
+            println!("{}  {class}", String::from_utf8_lossy(key));
+        }
+    }
+    print!("{audit}");
+    if audit.all_encrypted() {
+        println!("verdict: every value under {prefix} is encrypted");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!(
+            "verdict: {} value(s) under {prefix} stored IN CLEAR",
+            audit.in_clear().len()
+        );
+        Ok(ExitCode::from(EXIT_IN_CLEAR))
+    }
+}
+
+/// An envelope for `provider` over the plugin, with a write state (the apiserver needs one to read).
+async fn envelope(plugin: &PluginArgs, provider: &str) -> Result<Arc<Envelope>> {
+    let kms = connect_unix(&plugin.plugin, Authority::Localhost).await?;
+    let envelope = Envelope::new(provider, Arc::new(kms))?;
+    if let Err(err) = envelope.refresh().await {
+        // Like the apiserver: an unhealthy Status still installs a state when the key ID is valid.
+        if envelope.key_id().is_none() {
+            return Err(err).context("the plugin gave no usable Status + Encrypt");
+        }
+        eprintln!("warning: plugin probe: {err}");
+    }
+    Ok(Arc::new(envelope))
+}
+
+async fn get(
+    etcd: &EtcdArgs,
+    plugin: &PluginArgs,
+    provider: Option<String>,
+    raw: bool,
+    key: &str,
+) -> Result<()> {
+    let etcd = etcd.connect().await?;
+    let value = etcd
+        .get(key.as_bytes())
+        .await?
+        .with_context(|| format!("no value at {key}"))?;
+    let provider = match (provider, audit::classify(&value)) {
+        (Some(p), _) => p,
+        (None, Class::KmsV2(v)) => v.provider,
+        (None, other) => bail!("{key} is not a KMS v2 value ({other}); nothing to decrypt"),
+    };
+    let storage = Storage::new(etcd, envelope(plugin, &provider).await?);
+    let (plaintext, stale) = storage.get(key).await?;
+    if stale {
+        eprintln!(
+            "note: {key} was written under another key ID; the apiserver rewrites it on its next update"
+        );
+    }
+    if raw {
+        use std::io::Write as _;
+        std::io::stdout().write_all(&plaintext)?;
+        return Ok(());
+    }
+    match object::detect(&plaintext) {
+        Some(Encoding::Json) => println!("{}", String::from_utf8_lossy(&plaintext).trim_end()),
+        Some(Encoding::Protobuf) => {
+            let secret = object::parse_secret(&plaintext)
+                .context("only Secrets are rendered as JSON; use --raw for other kinds")?;
+            println!("{}", serde_json::to_string_pretty(&secret)?);
+        }
+        None => bail!("the decrypted value is neither protobuf nor JSON; use --raw"),
+    }
+    Ok(())
+}
+
+async fn put(
+    etcd: &EtcdArgs,
+    plugin: &PluginArgs,
+    provider: &str,
+    encoding: EncodingArg,
+    key: &str,
+    file: &std::path::Path,
+) -> Result<()> {
+    let text = if file == std::path::Path::new("-") {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    let secret = object::parse_secret(text.as_bytes())?;
+    let secret = object::for_key(secret, key)?;
+    let encoding = match encoding {
+        EncodingArg::Protobuf => Encoding::Protobuf,
+        EncodingArg::Json => Encoding::Json,
+    };
+    let plaintext = zeroize::Zeroizing::new(object::encode_secret(&secret, encoding)?);
+    let storage = Storage::new(etcd.connect().await?, envelope(plugin, provider).await?);
+    let stored = storage.put(key, &plaintext).await?;
+    println!("{key}: {}", audit::classify(&stored));
+    Ok(())
+}
