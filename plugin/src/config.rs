@@ -154,7 +154,8 @@ pub enum VaultAuth {
 /// Vault / OpenBao transit flags. Credentials are always read from files, never from flags.
 #[derive(Debug, Args, Clone)]
 pub struct VaultArgs {
-    /// Vault address; repeat for several servers (HA without a load balancer; tried in order).
+    /// Vault address; repeat for several servers (HA without a load balancer; each tried at most once per
+    /// call, all within the call's deadline).
     #[arg(
         long = "vault-addr",
         env = "KLEIDI_VAULT_ADDR",
@@ -195,7 +196,7 @@ pub struct VaultArgs {
     /// TLS server name to verify, when it differs from the address's host.
     #[arg(long, env = "KLEIDI_VAULT_SERVER_NAME")]
     pub vault_server_name: Option<String>,
-    /// Client certificate (PEM) for TLS and auth cert.
+    /// Client certificate (PEM) for TLS and auth cert; re-read when it changes.
     #[arg(long, env = "KLEIDI_VAULT_CLIENT_CERT")]
     pub vault_client_cert: Option<PathBuf>,
     /// Client key (PEM) for TLS and auth cert.
@@ -269,7 +270,13 @@ mod tests {
     #[test]
     fn pkcs11_init_parses_without_a_backend_flag() {
         let cli = Cli::try_parse_from([
-            "kleidi", "pkcs11", "init", "--pkcs11-pin-file", "/p", "--pkcs11-so-pin-file", "/so",
+            "kleidi",
+            "pkcs11",
+            "init",
+            "--pkcs11-pin-file",
+            "/p",
+            "--pkcs11-so-pin-file",
+            "/so",
         ])
         .unwrap();
         assert!(matches!(cli.command, Command::Pkcs11(Pkcs11Command::Init { .. })));

@@ -268,7 +268,14 @@ mod tests {
         let ttl = Duration::from_millis(ttl_ms);
         (
             backend.clone(),
-            Healthy::new(backend, HealthTtl { ok: ttl, err: ttl, probe_timeout: Duration::from_secs(5) }),
+            Healthy::new(
+                backend,
+                HealthTtl {
+                    ok: ttl,
+                    err: ttl,
+                    probe_timeout: Duration::from_secs(5),
+                },
+            ),
         )
     }
 

@@ -453,4 +453,13 @@ fn grpcio_client_works_with_every_authority_kube_apiserver_and_c_core_send() {
         );
         assert!(stdout.contains("\"ok\": true"), "{stdout}");
     }
+    // Proof that grpcio really sent what kube-apiserver <= 1.31 and C-core send (h2 alone would have
+    // reset those streams): kleidi logs each :authority it had to replace.
+    let logs = k.logs();
+    let socket = k.socket.to_str().unwrap();
+    let percent = socket.trim_start_matches('/').replace('/', "%2F");
+    for original in [socket.to_string(), percent] {
+        let line = format!("original={original}\n");
+        assert!(logs.contains(&line), "no rewrite of {original} logged:\n{logs}");
+    }
 }
