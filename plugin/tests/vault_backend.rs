@@ -18,10 +18,14 @@ use std::time::{Duration, Instant};
 
 use kleidi::backend::vault::{SERVICE_ACCOUNT_TOKEN, VaultBackend};
 use kleidi::config::VaultAuth;
+use kleidi::guard::Guarded;
 use kleidi::{Encrypted, Error, KeyService};
 use secrecy::{ExposeSecret, SecretSlice};
 use vault_support::identity::{self, JwtIssuer, TokenReviewer};
 use vault_support::{Bao, ROOT, args, free_port};
+
+/// `kleidi serve`'s default `--call-timeout`: the deadline every call answers within.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn seed(byte: u8) -> SecretSlice<u8> {
     SecretSlice::from(vec![byte; 32])
@@ -32,7 +36,7 @@ async fn root_backend(bao: &Bao, key: &str) -> VaultBackend {
     VaultBackend::connect(&bao.args(key, &token)).await.unwrap()
 }
 
-async fn round_trip(backend: &VaultBackend, byte: u8) -> Encrypted {
+async fn round_trip(backend: &impl KeyService, byte: u8) -> Encrypted {
     let wrapped = backend.encrypt("uid", &seed(byte)).await.unwrap();
     let plain = backend.decrypt("uid", &wrapped).await.unwrap();
     assert_eq!(plain.expose_secret(), &[byte; 32]);
@@ -160,15 +164,53 @@ async fn tampered_or_moved_ciphertexts_are_bad_ciphertext() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_key_refuses_to_start_and_is_never_created() {
     let bao = Bao::dev();
-    let token = bao.file("t", ROOT);
-    let err = VaultBackend::connect(&bao.args("typo", &token))
+    // kleidi's policy for a misspelt key name: what an operator's typo produces.
+    let token = bao.kleidi_token("typo", "1h");
+    let file = bao.file("t", &token);
+    let err = VaultBackend::connect(&bao.args("typo", &file))
         .await
         .err()
         .unwrap();
     assert!(matches!(err, Error::Config(_)), "{err}");
+    assert!(err.to_string().contains("never creates keys"), "{err}");
+    // The policy itself refuses the upsert transit would do for an encrypt to a missing key.
+    let encrypt = bao.try_run_as(
+        &token,
+        &["write", "transit/encrypt/typo", "plaintext=AAAA", "key_version=1"],
+    );
     assert!(
-        bao.try_run(&["read", "transit/keys/typo"]).is_err()
-            || bao.run(&["read", "transit/keys/typo"]).is_empty()
+        encrypt.as_ref().is_err_and(|e| e.contains("permission denied")),
+        "{encrypt:?}"
+    );
+    assert!(
+        bao.try_run(&["read", "transit/keys/typo"]).is_err(),
+        "a key was created"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_key_is_key_missing_and_encrypt_does_not_recreate_it() {
+    let bao = Bao::dev();
+    let file = bao.file("t", &bao.kleidi_token("kek", "1h"));
+    let backend = VaultBackend::connect(&bao.args("kek", &file)).await.unwrap();
+    let wrapped = round_trip(&backend, 1).await;
+    bao.run(&["write", "transit/keys/kek/config", "deletion_allowed=true"]);
+    bao.run(&["delete", "transit/keys/kek"]);
+    for err in [
+        backend.current_key_id().await.unwrap_err(),
+        backend.decrypt("u", &wrapped).await.unwrap_err(),
+    ] {
+        assert_eq!(err.class(), "key_missing", "{err}");
+        assert!(err.affects_health());
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
+    }
+    // Encrypt still names the version Status last saw; transit would create the key for a token
+    // allowed to, and kleidi's policy is not: the encrypt fails and no key appears.
+    let err = backend.encrypt("u", &seed(2)).await.unwrap_err();
+    assert_eq!(err.class(), "permission_denied", "{err}");
+    assert!(
+        bao.try_run(&["read", "transit/keys/kek"]).is_err(),
+        "the key was recreated"
     );
 }
 
@@ -245,9 +287,7 @@ async fn a_dead_first_address_fails_over_to_the_second() {
     let backend = VaultBackend::connect(&args(vec![dead.clone(), bao.addr.clone()], "kek", &token))
         .await
         .unwrap();
-    let started = Instant::now();
-    round_trip(&backend, 8).await;
-    assert!(started.elapsed() < Duration::from_secs(2));
+    round_trip(&Guarded::new(backend, CALL_TIMEOUT), 8).await;
     // Only the dead address: a network-class Unavailable, quickly.
     let backend = VaultBackend::connect(&args(vec![dead], "kek", &token))
         .await
@@ -276,6 +316,99 @@ async fn failover_between_two_servers_follows_the_one_that_answers() {
     first.run(&["operator", "seal"]);
     backend.current_key_id().await.unwrap();
     round_trip(&backend, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hung_addresses_fail_over_inside_the_call_deadline() {
+    // Three addresses: the one in use, a listener that never answers, a second server.
+    let first = Bao::dev();
+    let second = Bao::dev();
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap(); // never accepts
+    let hung_addr = format!("http://{}", hung.local_addr().unwrap());
+    let token = first.file("t", ROOT);
+    let addrs = vec![first.addr.clone(), hung_addr.clone(), second.addr.clone()];
+    let backend = Guarded::new(
+        VaultBackend::connect(&args(addrs, "kek", &token)).await.unwrap(),
+        CALL_TIMEOUT,
+    );
+    round_trip(&backend, 1).await;
+    // The server in use hangs too (SIGSTOP): two of three addresses take connections and never
+    // answer. Each call still reaches the third before the deadline, not a timeout.
+    first.pause();
+    let status = backend.current_key_id().await;
+    first.resume();
+    status.unwrap();
+    round_trip(&backend, 2).await;
+
+    // Nothing answers at all: the backend gives up inside the deadline and says why.
+    let hung_too = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addrs = vec![hung_addr, format!("http://{}", hung_too.local_addr().unwrap())];
+    let backend = Guarded::new(
+        VaultBackend::connect(&args(addrs, "kek", &token)).await.unwrap(),
+        CALL_TIMEOUT,
+    );
+    let err = backend.encrypt("u", &seed(3)).await.unwrap_err();
+    assert_eq!(err.class(), "network", "{err}");
+    assert!(err.to_string().contains("timeout"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_limit_quota_is_unavailable_with_class_rate_limited() {
+    let bao = Bao::dev();
+    let backend = root_backend(&bao, "kek").await;
+    let wrapped = round_trip(&backend, 1).await;
+    // One transit request a minute from this client.
+    bao.run(&[
+        "write",
+        "sys/quotas/rate-limit/kleidi",
+        "rate=1",
+        "interval=1m",
+        "path=transit/",
+    ]);
+    let _ = backend.current_key_id().await; // the one allowed
+    for err in [
+        backend.encrypt("u", &seed(1)).await.unwrap_err(),
+        backend.decrypt("u", &wrapped).await.unwrap_err(),
+        backend.current_key_id().await.unwrap_err(),
+    ] {
+        assert_eq!(err.class(), "rate_limited", "{err}");
+        assert!(err.affects_health());
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
+    }
+    bao.run(&["delete", "sys/quotas/rate-limit/kleidi"]);
+    round_trip(&backend, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_namespace_flag_sends_every_call_to_that_namespace() {
+    let bao = Bao::dev();
+    bao.run(&["namespace", "create", "team-a"]);
+    bao.run_in("team-a", &["secrets", "enable", "transit"]);
+    bao.run_in("team-a", &["write", "-f", "transit/keys/team-kek"]);
+    // kleidi's policy and token, both living in the namespace: lookup, renewal and transit calls
+    // all carry the namespace header.
+    bao.write_policy_in(
+        "team-a",
+        "kleidi",
+        &vault_support::POLICY.replace("kleidi-kek", "team-kek"),
+    );
+    let token = bao.run_in(
+        "team-a",
+        &["token", "create", "-field=token", "-policy=kleidi", "-ttl=1h"],
+    );
+    let file = bao.file("ns-token", &token);
+    let mut a = bao.args("team-kek", &file);
+    a.vault_namespace = Some("team-a".into());
+    let backend = VaultBackend::connect(&a).await.unwrap();
+    let wrapped = round_trip(&backend, 1).await;
+    assert_eq!(wrapped.key_id, backend.current_key_id().await.unwrap());
+    // Without the flag the key is not there (it exists only in team-a): kleidi refuses to start.
+    let root = bao.file("root-token", ROOT);
+    let err = VaultBackend::connect(&bao.args("team-kek", &root))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::Config(_)), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -384,12 +517,26 @@ async fn a_bad_ciphertext_in_a_batch_fails_only_itself() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn status_is_one_vault_round_trip() {
+async fn status_is_one_vault_call_and_encrypt_one_transit_call() {
     let bao = Bao::dev_audited();
     let backend = root_backend(&bao, "kek").await;
-    let before = bao.audited_requests("/");
+    let all = || bao.audited_requests("/");
+    let before = all();
     backend.current_key_id().await.unwrap();
-    assert_eq!(bao.audited_requests("/") - before, 1);
+    assert_eq!(all() - before, 1, "Status");
+    let before = (all(), bao.audited_requests("transit/encrypt/kek"));
+    let wrapped = backend.encrypt("u", &seed(1)).await.unwrap();
+    assert_eq!(
+        (
+            all() - before.0,
+            bao.audited_requests("transit/encrypt/kek") - before.1
+        ),
+        (1, 1),
+        "Encrypt: one request, to transit encrypt, with no read of latest_version"
+    );
+    let before = all();
+    backend.decrypt("u", &wrapped).await.unwrap();
+    assert_eq!(all() - before, 1, "Decrypt");
 }
 
 fn enable_approle(bao: &Bao, ttl: &str, max_ttl: &str) -> (std::path::PathBuf, std::path::PathBuf) {
@@ -442,17 +589,68 @@ async fn approle_logs_in_and_a_wrong_secret_id_is_auth_failed() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "slow: run with just e2e"] // ~11 s: eight seconds of calls across renewals and a max_ttl
-async fn approle_tokens_with_short_ttls_are_renewed_and_replaced() {
+async fn approle_reads_a_rotated_secret_id_at_the_next_login() {
     let bao = Bao::dev();
-    let (role_id, secret_id) = enable_approle(&bao, "2s", "4s");
+    let (role_id, secret_id_file) = enable_approle(&bao, "1h", "2h");
+    let backend = VaultBackend::connect(&approle_args(&bao, &role_id, &secret_id_file))
+        .await
+        .unwrap();
+    let wrapped = round_trip(&backend, 1).await;
+    // The operator rotates the secret_id: a new one in the file, the old one destroyed, and
+    // kleidi's current token revoked, so only a login with the new file can succeed.
+    let old = std::fs::read_to_string(&secret_id_file).unwrap();
+    let new = bao.run(&[
+        "write",
+        "-f",
+        "-field=secret_id",
+        "auth/approle/role/kleidi/secret-id",
+    ]);
+    std::fs::write(&secret_id_file, &new).unwrap();
+    bao.run(&[
+        "write",
+        "auth/approle/role/kleidi/secret-id/destroy",
+        &format!("secret_id={old}"),
+    ]);
+    bao.run(&["token", "revoke", "-mode=path", "auth/approle/"]);
+    tokio::time::sleep(Duration::from_millis(1100)).await; // kleidi logs in at most once a second
+    assert_eq!(
+        backend.decrypt("u", &wrapped).await.unwrap().expose_secret(),
+        &[1; 32]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_short_lived_token_file_is_renewed_past_its_ttl() {
+    let bao = Bao::dev_audited();
+    // Renewable, 4 s, and the file never changes: only renew-self keeps it alive past 4 s.
+    let file = bao.file("token", &bao.kleidi_token("kek", "4s"));
+    let backend = VaultBackend::connect(&bao.args("kek", &file)).await.unwrap();
+    let wrapped = round_trip(&backend, 1).await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(7) {
+        let plain = backend
+            .decrypt("u", &wrapped)
+            .await
+            .unwrap_or_else(|e| panic!("refused after {:?}: {e}", started.elapsed()));
+        assert_eq!(plain.expose_secret(), &[1; 32]);
+        backend.current_key_id().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(bao.audited_requests("auth/token/renew-self") >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "slow: run with just e2e"] // ~11 s: nine seconds of calls across renewals and a max_ttl
+async fn approle_tokens_with_short_ttls_are_renewed_and_replaced() {
+    let bao = Bao::dev_audited();
+    let (role_id, secret_id) = enable_approle(&bao, "3s", "6s");
     let backend = VaultBackend::connect(&approle_args(&bao, &role_id, &secret_id))
         .await
         .unwrap();
     let wrapped = round_trip(&backend, 2).await;
     let started = Instant::now();
     let mut calls = 0;
-    while started.elapsed() < Duration::from_secs(8) {
+    while started.elapsed() < Duration::from_secs(9) {
         let plain = backend
             .decrypt("u", &wrapped)
             .await
@@ -463,16 +661,42 @@ async fn approle_tokens_with_short_ttls_are_renewed_and_replaced() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(calls > 30);
+    // Renewed while renewal extends the token, replaced by a new login before max_ttl: never by
+    // waiting for Vault to refuse it (which a call would have seen first).
+    assert!(
+        bao.audited_requests("auth/token/renew-self") >= 1,
+        "never renewed"
+    );
+    assert!(
+        bao.audited_requests("auth/approle/login") >= 2,
+        "never logged in again"
+    );
+    assert_eq!(bao.audited_refusals("transit/"), 0, "a call was refused first");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tls_is_verified_and_cert_auth_logs_in_with_the_client_certificate() {
+/// A TLS dev server with transit, key `kek`, kleidi's policy, and `auth/cert` trusting `cert`
+/// as role `kleidi`.
+fn tls_server_with_cert_auth(cert: &std::path::Path) -> Bao {
     let bao = Bao::start_dev(&["-dev-tls"]);
     bao.run(&["secrets", "enable", "transit"]);
     bao.run(&["write", "-f", "transit/keys/kek"]);
     bao.kleidi_token("kek", "1h"); // installs the policy
-    let dir = bao.dir.path();
-    let (cert, key) = (dir.join("client.pem"), dir.join("client-key.pem"));
+    bao.run(&["auth", "enable", "cert"]);
+    trust_client_cert(&bao, cert);
+    bao
+}
+
+fn trust_client_cert(bao: &Bao, cert: &std::path::Path) {
+    bao.run(&[
+        "write",
+        "auth/cert/certs/kleidi",
+        &format!("certificate=@{}", cert.display()),
+        "token_policies=kleidi",
+    ]);
+}
+
+/// A self-signed client certificate and its key (PEM), written to `cert` and `key`.
+fn client_cert(cert: &std::path::Path, key: &std::path::Path) {
     let status = std::process::Command::new("openssl")
         .args([
             "req",
@@ -492,9 +716,9 @@ async fn tls_is_verified_and_cert_auth_logs_in_with_the_client_certificate() {
             "extendedKeyUsage=clientAuth",
         ])
         .arg("-keyout")
-        .arg(&key)
+        .arg(key)
         .arg("-out")
-        .arg(&cert)
+        .arg(cert)
         .output()
         .unwrap();
     assert!(
@@ -502,21 +726,26 @@ async fn tls_is_verified_and_cert_auth_logs_in_with_the_client_certificate() {
         "{}",
         String::from_utf8_lossy(&status.stderr)
     );
-    bao.run(&["auth", "enable", "cert"]);
-    bao.run(&[
-        "write",
-        "auth/cert/certs/kleidi",
-        &format!("certificate=@{}", cert.display()),
-        "token_policies=kleidi",
-    ]);
-    let ca = dir.join("tls").join("vault-ca.pem");
+}
+
+fn cert_args(bao: &Bao, cert: &std::path::Path, key: &std::path::Path) -> kleidi::config::VaultArgs {
     let mut a = bao.args("kek", std::path::Path::new("/nonexistent"));
     a.vault_auth = VaultAuth::Cert;
     a.vault_token_file = None;
     a.vault_role = Some("kleidi".into());
-    a.vault_ca_file = Some(ca.clone());
-    a.vault_client_cert = Some(cert.clone());
-    a.vault_client_key = Some(key.clone());
+    a.vault_ca_file = Some(bao.dir.path().join("tls").join("vault-ca.pem"));
+    a.vault_client_cert = Some(cert.into());
+    a.vault_client_key = Some(key.into());
+    a
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_is_verified_and_cert_auth_logs_in_with_the_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("client.pem"), dir.path().join("client-key.pem"));
+    client_cert(&cert, &key);
+    let bao = tls_server_with_cert_auth(&cert);
+    let a = cert_args(&bao, &cert, &key);
     let backend = VaultBackend::connect(&a).await.unwrap();
     round_trip(&backend, 1).await;
 
@@ -538,6 +767,36 @@ async fn tls_is_verified_and_cert_auth_logs_in_with_the_client_certificate() {
         backend.encrypt("u", &seed(1)).await.unwrap_err().class(),
         "network"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cert_auth_picks_up_a_renewed_client_certificate_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("client.pem"), dir.path().join("client-key.pem"));
+    client_cert(&cert, &key);
+    let bao = tls_server_with_cert_auth(&cert);
+    let backend = VaultBackend::connect(&cert_args(&bao, &cert, &key))
+        .await
+        .unwrap();
+    let wrapped = round_trip(&backend, 1).await;
+
+    // The certificate is renewed (a new key pair, as cert-manager does), Vault trusts only the new
+    // one, and the tokens the old one got are revoked: only the new files can log in now.
+    let (new_cert, new_key) = (dir.path().join("new.pem"), dir.path().join("new-key.pem"));
+    client_cert(&new_cert, &new_key);
+    trust_client_cert(&bao, &new_cert);
+    std::fs::copy(&new_key, &key).unwrap();
+    std::fs::copy(&new_cert, &cert).unwrap();
+    bao.run(&["token", "revoke", "-mode=path", "auth/cert/"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match backend.decrypt("u", &wrapped).await {
+            Ok(plain) => break assert_eq!(plain.expose_secret(), &[1; 32]),
+            Err(err) => assert!(Instant::now() < deadline, "never used the new certificate: {err}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    round_trip(&backend, 2).await;
 }
 
 fn jwt_claims(audience: &str) -> serde_json::Value {
@@ -715,28 +974,28 @@ async fn kubernetes_auth_reads_the_pod_service_account_token_by_default() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_and_restarted_server_serves_the_same_backend_after_unseal() {
-    let call_bound = Duration::from_secs(2);
     let mut bao = Bao::persistent();
     let token = bao.file("token", &bao.kleidi_token("kek", "1h"));
-    let backend = VaultBackend::connect(&bao.args("kek", &token)).await.unwrap();
+    // Under the guard's deadline, as `kleidi serve` runs it: an answer that came too late would
+    // be class `timeout`, not the class that says what happened.
+    let backend = Guarded::new(
+        VaultBackend::connect(&bao.args("kek", &token)).await.unwrap(),
+        CALL_TIMEOUT,
+    );
     let key_id = backend.current_key_id().await.unwrap();
     let wrapped = round_trip(&backend, 1).await;
 
-    // Each call answers within the bound the guard layer would impose (all three together, here).
     let expect_class = async |class: &str| {
-        let started = Instant::now();
         let results = [
             ("encrypt", backend.encrypt("u", &seed(2)).await.map(drop)),
             ("decrypt", backend.decrypt("u", &wrapped).await.map(drop)),
             ("status", backend.current_key_id().await.map(drop)),
         ];
-        let took = started.elapsed();
         for (op, result) in results {
             let err = result.unwrap_err();
             assert_eq!(err.class(), class, "{op}: {err}");
             assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable, "{op}");
         }
-        assert!(took < call_bound, "three {class} calls took {took:?}");
     };
     bao.kill();
     expect_class("network").await;

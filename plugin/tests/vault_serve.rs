@@ -84,33 +84,18 @@ async fn status_encrypt_and_decrypt_agree_on_the_key_id_and_tampering_is_invalid
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_rotated_transit_key_shows_in_status_within_the_health_ttl_and_old_seeds_decrypt() {
+async fn a_rotated_transit_key_shows_in_status_within_one_health_interval_and_old_seeds_decrypt() {
     let bao = Bao::dev();
+    let interval = Duration::from_millis(500);
     let (k, _) = start_with_token(&bao, &["--health-ok-ttl", "500ms"]);
     let before = k.status().await;
     let s = seed();
     let old = k.encrypt(&s).await.unwrap();
     bao.run(&["write", "-f", "transit/keys/kek/rotate"]);
-    let rotated = Instant::now();
-    let after = loop {
-        let status = k.status().await;
-        if status.key_id != before.key_id {
-            break status;
-        }
-        assert!(
-            rotated.elapsed() < Duration::from_secs(3),
-            "Status still reports {} after {:?}",
-            status.key_id,
-            rotated.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    // The health TTL plus one probe (three Vault calls), with slack for a busy 2-core machine.
-    assert!(
-        rotated.elapsed() < Duration::from_millis(1500),
-        "{:?}",
-        rotated.elapsed()
-    );
+    // One interval after the rotation every cached answer predates it: the next Status probes.
+    tokio::time::sleep(interval + Duration::from_millis(50)).await;
+    let after = k.status().await;
+    assert_ne!(after.key_id, before.key_id, "Status missed the rotation");
     assert_eq!(after.healthz, "ok");
     assert!(
         after.key_id.starts_with("vault:transit/kek:v2:"),
@@ -128,19 +113,38 @@ async fn a_rotated_transit_key_shows_in_status_within_the_health_ttl_and_old_see
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn status_polls_cost_one_probe_per_health_interval() {
+    let bao = Bao::dev_audited();
+    let (k, _) = start_with_token(&bao, &["--health-ok-ttl", "2s"]);
+    assert_eq!(k.status().await.healthz, "ok"); // the probe kleidi makes at start is done
+    let vault_requests = || bao.audited_requests("/");
+    let before = vault_requests();
+    for _ in 0..20 {
+        assert_eq!(k.status().await.healthz, "ok");
+    }
+    assert_eq!(vault_requests() - before, 0, "Status polls inside the interval");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let before = vault_requests();
+    for _ in 0..20 {
+        assert_eq!(k.status().await.healthz, "ok");
+    }
+    // One probe: read the key (the key_id), encrypt and decrypt a random value with it.
+    assert_eq!(
+        vault_requests() - before,
+        3,
+        "20 Status polls after the interval ran out"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_killed_server_makes_encrypt_unavailable_and_status_name_the_class() {
     let mut bao = Bao::dev();
     let (mut k, _) = start_with_token(&bao, &[]);
     assert_eq!(k.status().await.healthz, "ok");
     k.encrypt(&seed()).await.unwrap();
     bao.kill();
-    let started = Instant::now();
+    // UNAVAILABLE, not DEADLINE_EXCEEDED: the answer came inside --call-timeout and says why.
     let err = k.encrypt(&seed()).await.unwrap_err();
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("(network)"), "{}", err.message());
     let status = k.status().await;
@@ -151,6 +155,125 @@ async fn a_killed_server_makes_encrypt_unavailable_and_status_name_the_class() {
         "the last known key_id"
     );
     assert!(k.running(), "kleidi must keep serving while Vault is down");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_token_at_start_keeps_kleidi_serving_until_the_file_holds_a_valid_one() {
+    let bao = Bao::dev();
+    let file = bao.file("token", "s.NotATokenVaultEverIssued");
+    let mut k = Kleidi::start(
+        &bao.addr,
+        "kek",
+        &[
+            "--vault-auth",
+            "token",
+            "--vault-token-file",
+            file.to_str().unwrap(),
+            "--health-err-ttl",
+            "200ms",
+        ],
+    );
+    let status = k.status().await;
+    assert!(status.healthz.contains("auth_failed"), "{}", status.healthz);
+    let err = k.encrypt(&seed()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(k.running(), "an invalid token must not make kleidi exit");
+
+    std::fs::write(&file, bao.kleidi_token("kek", "1h")).unwrap();
+    let s = seed();
+    let wrapped = eventually(|| k.encrypt(&s)).await;
+    assert_eq!(k.decrypt(&wrapped).await.unwrap(), s);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(k.status().await.healthz, "ok");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kleidi_started_before_vault_serves_once_vault_is_up_and_unsealed() {
+    // A cold start of everything: kleidi comes up first, Vault later, sealed, then unsealed.
+    let mut bao = Bao::persistent();
+    let file = bao.file("token", &bao.kleidi_token("kek", "1h"));
+    bao.kill();
+    let flags = [
+        "--vault-auth",
+        "token",
+        "--vault-token-file",
+        file.to_str().unwrap(),
+        "--health-err-ttl",
+        "200ms",
+    ];
+    let mut k = Kleidi::start(&bao.addr, "kek", &flags);
+    let status = k.status().await;
+    assert!(status.healthz.contains("network"), "{}", status.healthz);
+    assert_eq!(k.encrypt(&seed()).await.unwrap_err().code(), Code::Unavailable);
+    bao.restart();
+    // A login failed a moment ago (network) is answered for up to a second before kleidi asks
+    // again; then the class follows the server.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let healthz = k.status().await.healthz;
+        if healthz.contains("sealed") {
+            break;
+        }
+        assert_ne!(healthz, "ok", "healthy while sealed");
+        assert!(Instant::now() < deadline, "still {healthz}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bao.unseal();
+    let s = seed();
+    let wrapped = eventually(|| k.encrypt(&s)).await;
+    assert!(
+        wrapped.key_id.starts_with("vault:transit/kek:v1:"),
+        "{}",
+        wrapped.key_id
+    );
+    assert_eq!(k.decrypt(&wrapped).await.unwrap(), s);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let status = k.status().await;
+    assert_eq!(
+        (status.healthz.as_str(), status.key_id.as_str()),
+        ("ok", wrapped.key_id.as_str())
+    );
+    assert!(k.running());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_that_could_create_keys_is_warned_about_at_start() {
+    let bao = Bao::dev();
+    let (least, _) = start_with_token(&bao, &[]);
+    let root_file = bao.file("root-token", vault_support::ROOT);
+    let root = Kleidi::start(
+        &bao.addr,
+        "kek",
+        &[
+            "--vault-auth",
+            "token",
+            "--vault-token-file",
+            root_file.to_str().unwrap(),
+        ],
+    );
+    for k in [&least, &root] {
+        k.status().await; // start-up is over
+    }
+    let warning = "may create transit keys";
+    assert!(root.logs().contains(warning), "{}", root.logs());
+    assert!(!least.logs().contains(warning), "{}", least.logs());
+}
+
+/// Retries `call` until it succeeds: for recoveries that happen in the background (a file
+/// re-read, a reconnect). Gives up after 10 s, far beyond any recovery's expected time.
+async fn eventually<T, F, Fut>(mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match call().await {
+            Ok(value) => return value,
+            Err(err) => assert!(Instant::now() < deadline, "never recovered: {err:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

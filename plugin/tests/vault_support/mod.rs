@@ -85,6 +85,24 @@ impl Bao {
             .count()
     }
 
+    /// Responses the audit device logged with an error (a refused token, a denied path) for
+    /// requests whose path starts with `prefix`.
+    pub fn audited_refusals(&self, prefix: &str) -> usize {
+        let dir = self.audit_dir.as_ref().expect("started with dev_audited");
+        std::fs::read_to_string(dir.path().join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|entry| {
+                entry["type"] == "response"
+                    && entry["error"].as_str().is_some_and(|e| !e.is_empty())
+                    && entry["request"]["path"]
+                        .as_str()
+                        .is_some_and(|p| p.starts_with(prefix))
+            })
+            .count()
+    }
+
     fn with_transit(bao: Self) -> Self {
         bao.run(&["secrets", "enable", "transit"]);
         bao.run(&["write", "-f", "transit/keys/kek"]);
@@ -238,6 +256,23 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections still open at the kernel level, nothing answers,
+    /// as with a hung or partitioned node. Undone by [`Bao::resume`] (and on drop).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT); it answers what was sent meanwhile.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let pid = self.child.as_ref().expect("a running server").id().to_string();
+        let status = Command::new("kill").args([which, &pid]).status().unwrap();
+        assert!(status.success(), "kill {which} {pid}");
+    }
+
     /// Stops the server (SIGKILL: a crash, not a clean shutdown).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -259,12 +294,25 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
 
     /// `bao ARGS` with `token`.
     pub fn try_run_as(&self, token: &str, args: &[&str]) -> Result<String, String> {
+        self.try_run_in("", token, args)
+    }
+
+    /// `bao ARGS` as root inside `namespace`; panics with stderr on failure.
+    pub fn run_in(&self, namespace: &str, args: &[&str]) -> String {
+        self.try_run_in(namespace, &self.root, args)
+            .unwrap_or_else(|e| panic!("bao {} (namespace {namespace}): {e}", args.join(" ")))
+    }
+
+    /// `bao ARGS` with `token` inside `namespace` (the root namespace if empty).
+    pub fn try_run_in(&self, namespace: &str, token: &str, args: &[&str]) -> Result<String, String> {
         let mut cmd = Command::new(bao_binary());
         cmd.args(args)
             .env("BAO_ADDR", &self.addr)
             .env("BAO_TOKEN", token)
+            .env("BAO_NAMESPACE", namespace)
             .env_remove("VAULT_ADDR")
-            .env_remove("VAULT_TOKEN");
+            .env_remove("VAULT_TOKEN")
+            .env_remove("VAULT_NAMESPACE");
         if self.addr.starts_with("https") {
             cmd.env("BAO_CACERT", self.dir.path().join("tls").join("vault-ca.pem"));
         }
@@ -283,9 +331,14 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
     }
 
     pub fn write_policy(&self, name: &str, hcl: &str) {
+        self.write_policy_in("", name, hcl);
+    }
+
+    /// Writes policy `name` inside `namespace` (the root namespace if empty).
+    pub fn write_policy_in(&self, namespace: &str, name: &str, hcl: &str) {
         let file = self.dir.path().join(format!("{name}.hcl"));
         std::fs::write(&file, hcl).unwrap();
-        self.run(&["policy", "write", name, file.to_str().unwrap()]);
+        self.run_in(namespace, &["policy", "write", name, file.to_str().unwrap()]);
     }
 
     /// Writes `content` to a file under this server's temp dir.
@@ -324,6 +377,7 @@ pub fn args(addrs: Vec<String>, key: &str, token_file: &Path) -> VaultArgs {
 
 impl Drop for Bao {
     fn drop(&mut self) {
+        // SIGKILL ends a stopped process too; no SIGCONT needed first.
         self.kill();
     }
 }

@@ -1,6 +1,6 @@
 //! The few Vault HTTP endpoints kleidi calls that vaultrs lacks or types too loosely: transit
 //! read-key, encrypt with `key_version` and `associated_data`, decrypt (one ciphertext, or a
-//! `batch_input` of several), and token lookup-self.
+//! `batch_input` of several), token lookup-self, and capabilities-self.
 //! Secret fields (plaintext, the decrypted answer) are zeroized when the request or response drops;
 //! the serialized HTTP body inside reqwest is not (a limit of the HTTP stack, noted in the README).
 
@@ -161,6 +161,23 @@ pub(super) struct TokenInfo {
     /// Whether renew-self can extend it.
     #[serde(default)]
     pub renewable: Option<bool>,
+}
+
+/// `POST sys/capabilities-self`: what our own token may do on `paths`. Vault's built-in `default`
+/// policy grants it. kleidi asks once, at start, whether it could create keys through encrypt.
+#[derive(Endpoint)]
+#[endpoint(path = "sys/capabilities-self", method = "POST", response = "Capabilities")]
+pub(super) struct CapabilitiesSelf {
+    /// The paths to ask about; with one path, the answer's `capabilities` are that path's.
+    pub paths: Vec<String>,
+}
+
+/// The capabilities on the one path asked about (`create`, `update`, `root`, `deny`, …).
+#[derive(Debug, Deserialize)]
+pub(super) struct Capabilities {
+    /// Capability names.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
 }
 
 fn secret_string<'de, D: Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {

@@ -1,9 +1,11 @@
 //! Logging in to Vault and keeping the token alive: credentials are read from files at every login
-//! (so rotated secret_ids, projected JWTs and replaced token files are picked up), the token is
-//! renewed at two thirds of its lease, and kleidi logs in again when renewal stops extending it
-//! (max_ttl) or Vault refuses it (revoked). A failed login never ends the process: calls answer
-//! Denied or Unavailable and a later call or the background loop tries again, at most once a second.
-//! Tokens live only in [`SecretString`]s and are never logged.
+//! (so rotated secret_ids, projected JWTs and replaced token files are picked up; a token file is
+//! also watched, and a renewed client certificate makes cert auth log in again), the token is
+//! renewed at two thirds of its lease (a non-renewable one is replaced then), and kleidi logs in
+//! again when renewal stops extending it (max_ttl) or Vault refuses it (revoked). A failed login
+//! never ends the process: calls answer Denied or Unavailable and a later call or the background
+//! loop tries again, at most once a second. Tokens live only in [`SecretString`]s and are never
+//! logged.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -14,7 +16,7 @@ use sha2::{Digest, Sha256};
 use vaultrs::api::AuthInfo;
 
 use super::api;
-use super::client::{BoxFut, Call, Nodes, Op, clone_error};
+use super::client::{BoxFut, CALL_BUDGET, Call, Nodes, Op, clone_error};
 use crate::config::{VaultArgs, VaultAuth};
 use crate::{Error, Result};
 
@@ -156,7 +158,7 @@ impl Session {
     }
 
     /// A token to call with: the current one while its lease lasts, else a fresh login.
-    pub(super) async fn token(&self, nodes: &Nodes) -> Result<Token> {
+    pub(super) async fn token(&self, nodes: &Nodes, deadline: Instant) -> Result<Token> {
         let stale = {
             let state = self.lock();
             match &state.token {
@@ -164,12 +166,12 @@ impl Session {
                 _ => state.generation,
             }
         };
-        self.login(nodes, stale).await
+        self.login(nodes, stale, deadline).await
     }
 
     /// Logs in again because the token of generation `stale` was refused or ran out, unless another
     /// call already did (a newer generation) or a login ran less than [`LOGIN_INTERVAL`] ago.
-    pub(super) async fn login(&self, nodes: &Nodes, stale: u64) -> Result<Token> {
+    pub(super) async fn login(&self, nodes: &Nodes, stale: u64, deadline: Instant) -> Result<Token> {
         let _one_at_a_time = self.login.lock().await;
         {
             let state = self.lock();
@@ -183,7 +185,7 @@ impl Session {
                 }
             }
         }
-        let outcome = self.fresh_login(nodes).await;
+        let outcome = self.fresh_login(nodes, deadline).await;
         let mut state = self.lock();
         let now = Instant::now();
         state.last_login = Some(now);
@@ -219,29 +221,38 @@ impl Session {
     }
 
     /// One step of the background loop: log in again or renew when due, pick up a replaced token
-    /// file. Returns how long to sleep before the next step.
+    /// file or client certificate. Returns how long to sleep before the next step.
     pub(super) async fn maintain(&self, nodes: &Nodes) -> Duration {
+        let tls_changed = nodes.reload_tls_if_changed();
         let now = Instant::now();
         let (generation, action) = {
             let state = self.lock();
-            let half_gone = match (state.refreshed, state.lease) {
+            // Renew (or, for a token renewal cannot extend, log in again) at two thirds of the lease.
+            let refresh_at = match (state.refreshed, state.lease) {
                 (Some(at), Some(lease)) => Some(at + lease * 2 / 3),
                 _ => None,
             };
+            let refresh_due = refresh_at.is_some_and(|at| now >= at);
             let action = if state.token.is_none()
                 || state.expired(now)
                 || state.relogin_at.is_some_and(|at| now >= at)
             {
+                Action::Login
+            } else if tls_changed && matches!(self.creds, Credentials::Cert { .. }) {
+                // The identity is the certificate: log in with the new one.
                 Action::Login
             } else if matches!(self.creds, Credentials::Token { .. })
                 && read_digest(&self.creds).is_some_and(|d| Some(d) != state.file_digest)
             {
                 tracing::info!("vault: token file changed; reading it");
                 Action::Login
-            } else if state.renewable && state.relogin_at.is_none() && half_gone.is_some_and(|at| now >= at) {
+            } else if state.renewable && state.relogin_at.is_none() && refresh_due {
                 Action::Renew
+            } else if !state.renewable && self.creds.can_login() && refresh_due {
+                // A batch or otherwise non-renewable token: replace it before it runs out.
+                Action::Login
             } else {
-                let next = [half_gone, state.relogin_at].into_iter().flatten().min();
+                let next = [refresh_at, state.relogin_at].into_iter().flatten().min();
                 let wait = next.map_or(TICK, |at| at.saturating_duration_since(now));
                 return wait.min(TICK).max(Duration::from_millis(50));
             };
@@ -249,26 +260,31 @@ impl Session {
         };
         match action {
             Action::Login => {
-                // The failure is logged inside and answered to calls; the loop just tries again.
-                let _ = self.login(nodes, generation).await;
+                // The failure is logged inside and answered to calls; the loop just tries again
+                // (login itself runs at most once per LOGIN_INTERVAL).
+                let _ = self.login(nodes, generation, Instant::now() + CALL_BUDGET).await;
+                Duration::from_millis(50)
             }
-            Action::Renew => self.renew(nodes, generation).await,
+            // A renewal that failed (Vault down) is retried a tick later, not in a tight loop.
+            Action::Renew if self.renew(nodes, generation).await => Duration::from_millis(50),
+            Action::Renew => TICK,
         }
-        Duration::from_millis(50)
     }
 
-    async fn renew(&self, nodes: &Nodes, generation: u64) {
+    /// Renews the token; false if Vault could not be asked (try again later).
+    async fn renew(&self, nodes: &Nodes, generation: u64) -> bool {
         let Some(token) = self.lock().token.clone() else {
-            return;
+            return true;
         };
         let f = |call: Call| -> BoxFut<AuthInfo> {
             Box::pin(async move { vaultrs::token::renew_self(&call, None).await })
         };
-        match nodes.send(Op::Auth, Some(&token.secret), &f).await {
+        let deadline = Instant::now() + CALL_BUDGET;
+        match nodes.send(Op::Auth, Some(&token.secret), deadline, &f).await {
             Ok(info) => {
                 let mut state = self.lock();
                 if state.generation != generation {
-                    return;
+                    return true;
                 }
                 let now = Instant::now();
                 let lease = Duration::from_secs(info.lease_duration);
@@ -286,20 +302,27 @@ impl Session {
                 } else {
                     tracing::debug!(lease_s = lease.as_secs(), "vault: token renewed");
                 }
+                true
             }
             Err(err @ Error::Denied { .. }) => {
                 tracing::warn!(class = err.class(), error = %err, "vault: renewal refused; logging in again");
-                let _ = self.login(nodes, generation).await;
+                let _ = self.login(nodes, generation, deadline).await;
+                true
             }
             Err(err) => {
                 tracing::warn!(class = err.class(), error = %err, "vault: renewal failed; will retry");
+                false
             }
         }
     }
 
     /// Reads the credentials and exchanges them for a token (for token auth: reads the file and asks
     /// Vault how long the token lives).
-    async fn fresh_login(&self, nodes: &Nodes) -> Result<(SecretString, Lease, Option<[u8; 32]>)> {
+    async fn fresh_login(
+        &self,
+        nodes: &Nodes,
+        deadline: Instant,
+    ) -> Result<(SecretString, Lease, Option<[u8; 32]>)> {
         match &self.creds {
             Credentials::Token { file } => {
                 let token = read_secret(file, "--vault-token-file")?;
@@ -307,7 +330,7 @@ impl Session {
                 let f = |call: Call| -> BoxFut<api::TokenInfo> {
                     Box::pin(async move { vaultrs::api::exec_with_result(&call, api::LookupSelf {}).await })
                 };
-                let info = nodes.send(Op::Auth, Some(&token), &f).await?;
+                let info = nodes.send(Op::Auth, Some(&token), deadline, &f).await?;
                 let lease = Lease {
                     lease: (info.ttl > 0).then(|| Duration::from_secs(info.ttl)),
                     renewable: info.renewable.unwrap_or(false),
@@ -334,7 +357,7 @@ impl Session {
                         .await
                     })
                 };
-                auth_info(nodes.send(Op::Auth, None, &f).await?)
+                auth_info(nodes.send(Op::Auth, None, deadline, &f).await?)
             }
             Credentials::Jwt { mount, role, file } | Credentials::Kubernetes { mount, role, file } => {
                 let jwt = Arc::new(read_secret(file, "--vault-jwt-file")?);
@@ -350,7 +373,7 @@ impl Session {
                         }
                     })
                 };
-                auth_info(nodes.send(Op::Auth, None, &f).await?)
+                auth_info(nodes.send(Op::Auth, None, deadline, &f).await?)
             }
             Credentials::Cert { mount, role } => {
                 let (mount, role) = (mount.clone(), role.clone().unwrap_or_default());
@@ -358,7 +381,7 @@ impl Session {
                     let (mount, role) = (mount.clone(), role.clone());
                     Box::pin(async move { vaultrs::auth::cert::login(&call, &mount, &role).await })
                 };
-                auth_info(nodes.send(Op::Auth, None, &f).await?)
+                auth_info(nodes.send(Op::Auth, None, deadline, &f).await?)
             }
         }
     }

@@ -1,12 +1,13 @@
 //! Talking to Vault: one HTTP client per configured address (rustls with ring, verification always
-//! on), failover between them, and [`classify`], the one place a Vault failure becomes an [`Error`].
+//! on, rebuilt when the CA or client certificate files change), failover between them inside one
+//! time budget, and [`classify`], the one place a Vault failure becomes an [`Error`].
 
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -14,6 +15,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
 use vaultrs::api::EndpointMiddleware;
 use vaultrs::client::{VaultClient, VaultClientSettings};
 use vaultrs::error::ClientError;
@@ -23,10 +25,16 @@ use crate::config::VaultArgs;
 use crate::{Error, Result};
 
 /// How long to wait for a TCP + TLS connection before trying the next address: short, so a
-/// black-holed first address still leaves time for the second within the 2 s call bound.
+/// black-holed first address still leaves time for the others within [`CALL_BUDGET`].
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Bound on one HTTP exchange with one address.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
+/// The most one kleidi call spends on Vault, every address, login and retry included. Below
+/// `kleidi serve`'s default `--call-timeout` (2 s), so a call Vault cannot answer ends with its
+/// class (`network`, `sealed`) instead of the guard's bare timeout, which says nothing about why.
+pub(super) const CALL_BUDGET: Duration = Duration::from_millis(1750);
+/// An attempt with less time than this left is not started: it could not get an answer.
+const MIN_ATTEMPT: Duration = Duration::from_millis(20);
 
 /// What a Vault call was doing, for [`classify`]: the same status means different things.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,9 +54,15 @@ pub(super) type BoxFut<T> = Pin<Box<dyn Future<Output = Result<T, ClientError>> 
 
 /// Every configured address, tried in order starting with the last one that answered.
 pub(super) struct Nodes {
-    nodes: Vec<Node>,
+    /// One client per address, rebuilt whole when the TLS files change (in-flight calls keep
+    /// the clients they started with; their pooled connections close with them).
+    nodes: RwLock<Arc<[Node]>>,
     preferred: AtomicUsize,
     namespace: Option<String>,
+    /// The flags, to rebuild the clients from.
+    args: VaultArgs,
+    /// Digest of the CA bundle, client certificate and key the clients were built from.
+    tls_files: Mutex<Option<[u8; 32]>>,
 }
 
 struct Node {
@@ -63,70 +77,96 @@ impl Nodes {
         if args.vault_addr.is_empty() {
             return Err(Error::Config("--vault-addr is required".into()));
         }
-        let tls = tls_config(args)?;
-        let mut nodes = Vec::new();
-        for addr in &args.vault_addr {
-            let addr = addr.trim().trim_end_matches('/').to_string();
-            let url = reqwest::Url::parse(&addr)
-                .map_err(|e| Error::Config(format!("--vault-addr {addr:?}: {e}")))?;
-            if !matches!(url.scheme(), "http" | "https") {
-                return Err(Error::Config(format!(
-                    "--vault-addr {addr:?}: scheme must be http or https"
-                )));
-            }
-            let http = reqwest::Client::builder()
-                .tls_backend_preconfigured(tls.clone())
-                .connect_timeout(CONNECT_TIMEOUT)
-                .timeout(REQUEST_TIMEOUT)
-                .pool_idle_timeout(Duration::from_secs(30))
-                .no_proxy()
-                .build()
-                .map_err(|e| Error::Config(format!("HTTP client for {addr}: {e}")))?;
-            // Written out in full: the vaultrs builder would fill gaps from VAULT_* variables
-            // (VAULT_SKIP_VERIFY among them); kleidi takes its settings from its flags only.
-            let settings = VaultClientSettings {
-                address: url,
-                ca_certs: Vec::new(),
-                identity: None,
-                timeout: Some(REQUEST_TIMEOUT),
-                token: String::new(),
-                verify: true,
-                version: 1,
-                wrapping: false,
-                namespace: args.vault_namespace.clone(),
-                proxy: None,
-            };
-            nodes.push(Node {
-                http: rustify::clients::reqwest::Client::new(&addr, http),
-                addr,
-                settings,
-            });
-        }
+        // Read before building: a change while building shows at the next check.
+        let tls_files = tls_files_digest(args);
+        let nodes = build_nodes(args)?;
         Ok(Self {
-            nodes,
+            nodes: RwLock::new(nodes.into()),
             preferred: AtomicUsize::new(0),
             namespace: args.vault_namespace.clone(),
+            args: args.clone(),
+            tls_files: Mutex::new(tls_files),
         })
     }
 
+    /// Rebuilds the clients if the CA bundle, client certificate or key changed on disk (a
+    /// renewed short-lived certificate, a rotated CA), so new connections present and trust what
+    /// the files now hold. Returns whether it did. Files that do not parse (half written, key and
+    /// certificate not matching yet) keep the current clients until the files change again.
+    pub(super) fn reload_tls_if_changed(&self) -> bool {
+        let Some(now) = tls_files_digest(&self.args) else {
+            return false;
+        };
+        {
+            let mut seen = self
+                .tls_files
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *seen == Some(now) {
+                return false;
+            }
+            *seen = Some(now);
+        }
+        match build_nodes(&self.args) {
+            Ok(nodes) => {
+                *self
+                    .nodes
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = nodes.into();
+                tracing::info!("vault: TLS files changed; new connections use them");
+                true
+            }
+            Err(err) => {
+                tracing::warn!(class = err.class(), error = %err, "vault: TLS files changed but cannot be used; keeping the previous ones");
+                false
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Arc<[Node]> {
+        // Replaced whole under the lock, never left half-written: a poisoned lock is usable.
+        self.nodes
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// Runs `f` against the preferred address, then each other address once if the answer says that
-    /// server cannot serve (network, 5xx, sealed, standby). Any other answer is final.
+    /// server cannot serve (network, 5xx, sealed, standby). Any other answer is final. Everything
+    /// ends by `deadline`: each attempt gets an equal share of the time left among the addresses
+    /// not yet tried (so two hung addresses out of three still leave time for the third), and one
+    /// that runs out of its share counts as a `network` failure.
     pub(super) async fn send<T>(
         &self,
         op: Op,
         token: Option<&SecretString>,
+        deadline: Instant,
         f: &(dyn Fn(Call) -> BoxFut<T> + Send + Sync),
     ) -> Result<T> {
-        let count = self.nodes.len();
-        let start = self.preferred.load(Ordering::Relaxed);
+        let nodes = self.snapshot();
+        let count = nodes.len();
+        let start = self.preferred.load(Ordering::Relaxed) % count.max(1);
         let mut last = None;
         for attempt in 0..count {
             let index = (start + attempt) % count;
-            let Some(node) = self.nodes.get(index) else {
+            let Some(node) = nodes.get(index) else {
                 continue;
             };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left < MIN_ATTEMPT {
+                break;
+            }
+            // `count - attempt` >= 1 and at most the number of addresses: the division is safe.
+            let share = left / u32::try_from(count - attempt).unwrap_or(u32::MAX);
             let call = Call::new(node, token, self.namespace.clone());
-            match f(call).await.map_err(|e| classify(op, e)) {
+            let answer = match tokio::time::timeout(share, f(call)).await {
+                Ok(answer) => answer.map_err(|e| classify(op, e)),
+                Err(_) => Err(unavailable(
+                    "network",
+                    format!("timeout: no answer within {} ms", share.as_millis()),
+                )),
+            };
+            match answer {
                 Ok(value) => {
                     if index != start {
                         self.preferred.store(index, Ordering::Relaxed);
@@ -141,8 +181,84 @@ impl Nodes {
                 Err(err) => return Err(err),
             }
         }
-        Err(last.unwrap_or_else(|| Error::Config("no vault address".into())))
+        Err(last.unwrap_or_else(|| {
+            unavailable(
+                "network",
+                format!(
+                    "no time left to ask Vault (budget {} ms)",
+                    CALL_BUDGET.as_millis()
+                ),
+            )
+        }))
     }
+}
+
+/// One client per address, all with the TLS configuration the flags' files hold now.
+fn build_nodes(args: &VaultArgs) -> Result<Vec<Node>> {
+    let tls = tls_config(args)?;
+    let mut nodes = Vec::new();
+    for addr in &args.vault_addr {
+        let addr = addr.trim().trim_end_matches('/').to_string();
+        let url =
+            reqwest::Url::parse(&addr).map_err(|e| Error::Config(format!("--vault-addr {addr:?}: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(Error::Config(format!(
+                "--vault-addr {addr:?}: scheme must be http or https"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls.clone())
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .no_proxy()
+            .build()
+            .map_err(|e| Error::Config(format!("HTTP client for {addr}: {e}")))?;
+        // Written out in full: the vaultrs builder would fill gaps from VAULT_* variables
+        // (VAULT_SKIP_VERIFY among them); kleidi takes its settings from its flags only.
+        let settings = VaultClientSettings {
+            address: url,
+            ca_certs: Vec::new(),
+            identity: None,
+            timeout: Some(REQUEST_TIMEOUT),
+            token: String::new(),
+            verify: true,
+            version: 1,
+            wrapping: false,
+            namespace: args.vault_namespace.clone(),
+            proxy: None,
+        };
+        nodes.push(Node {
+            http: rustify::clients::reqwest::Client::new(&addr, http),
+            addr,
+            settings,
+        });
+    }
+    Ok(nodes)
+}
+
+/// SHA-256 over the TLS files' contents; `None` when no file is configured or one cannot be read
+/// right now (then nothing is reloaded).
+fn tls_files_digest(args: &VaultArgs) -> Option<[u8; 32]> {
+    let files = [
+        &args.vault_ca_file,
+        &args.vault_client_cert,
+        &args.vault_client_key,
+    ];
+    if files.iter().all(|f| f.is_none()) {
+        return None;
+    }
+    let mut hash = Sha256::new();
+    for file in files {
+        if let Some(path) = file {
+            // The key file's bytes go into the hash and are wiped; the digest reveals nothing.
+            let mut bytes = std::fs::read(path).ok()?;
+            hash.update(&bytes);
+            bytes.zeroize();
+        }
+        hash.update([0]);
+    }
+    Some(hash.finalize().into())
 }
 
 /// Whether another address might answer where this one could not.

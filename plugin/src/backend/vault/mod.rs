@@ -10,7 +10,8 @@
 //!   Status reads the key once (`transit/keys/<key>`: one round trip) and Encrypt uses exactly the
 //!   version Status last saw, so both report the same key_id even while a rotation lands.
 //! - **Never creating keys.** The key must exist at connect (kleidi refuses to start otherwise) and
-//!   at every Status; the policy in `fixtures/vault` grants no `create` on transit paths.
+//!   at every Status; the policy in `fixtures/vault` grants no `create` on transit paths, and a
+//!   token that could create keys through encrypt (transit's upsert) is warned about at start.
 //! - **Decrypt storms** (an apiserver filling its cache) are collapsed: concurrent decrypts of the
 //!   same ciphertext share one Vault call, and different ciphertexts that queue up while calls are
 //!   in flight go together as one transit `batch_input` call (`batch`).
@@ -27,7 +28,7 @@ pub use self::auth::SERVICE_ACCOUNT_TOKEN;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -37,7 +38,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
 use self::auth::Session;
-use self::client::{BoxFut, Call, Nodes, Op, clone_error};
+use self::client::{BoxFut, CALL_BUDGET, Call, Nodes, Op, clone_error};
 use super::FORMAT_ANNOTATION;
 use crate::config::VaultArgs;
 use crate::service::{Annotations, Encrypted, KeyService};
@@ -111,7 +112,10 @@ impl VaultBackend {
             queue: Mutex::new(batch::Queue::default()),
         });
         match tokio::time::timeout(CONNECT_BOUND, inner.current_key_id()).await {
-            Ok(Ok(key_id)) => tracing::info!(%key_id, "vault: transit key ready"),
+            Ok(Ok(key_id)) => {
+                tracing::info!(%key_id, "vault: transit key ready");
+                inner.warn_if_encrypt_can_create_keys().await;
+            }
             Ok(Err(err)) if err.class() == "key_missing" => {
                 return Err(Error::Config(format!(
                     "transit key {}/{} cannot be used (kleidi never creates keys): {err}",
@@ -145,15 +149,54 @@ impl Drop for VaultBackend {
 
 impl Inner {
     /// Runs one Vault call with the current token; if Vault refuses the token (revoked, expired),
-    /// logs in again once and retries once.
+    /// logs in again once and retries once. All of it within [`CALL_BUDGET`].
     async fn run<T>(&self, op: Op, f: &(dyn Fn(Call) -> BoxFut<T> + Send + Sync)) -> Result<T> {
-        let token = self.session.token(&self.nodes).await?;
-        match self.nodes.send(op, Some(&token.secret), f).await {
+        let deadline = Instant::now() + CALL_BUDGET;
+        let token = self.session.token(&self.nodes, deadline).await?;
+        match self.nodes.send(op, Some(&token.secret), deadline, f).await {
             Err(Error::Denied { .. }) => {
-                let token = self.session.login(&self.nodes, token.generation).await?;
-                self.nodes.send(op, Some(&token.secret), f).await
+                let token = self
+                    .session
+                    .login(&self.nodes, token.generation, deadline)
+                    .await?;
+                self.nodes.send(op, Some(&token.secret), deadline, f).await
             }
             other => other,
+        }
+    }
+
+    /// Transit creates a missing key on encrypt for a token with `create` on the encrypt path
+    /// (unless the mount sets `disable_upsert`): if the key were deleted, the next encrypt would
+    /// silently wrap seeds with a brand-new key. kleidi never asks for that; it warns, once, when its
+    /// token could. One call at start; a refusal (no `default` policy) just skips the check.
+    async fn warn_if_encrypt_can_create_keys(&self) {
+        let path = format!("{}/encrypt/{}", self.mount, self.key);
+        let endpoint_path = path.clone();
+        let f = move |call: Call| -> BoxFut<api::Capabilities> {
+            let endpoint = api::CapabilitiesSelf {
+                paths: vec![endpoint_path.clone()],
+            };
+            Box::pin(async move { vaultrs::api::exec_with_result(&call, endpoint).await })
+        };
+        let deadline = Instant::now() + CALL_BUDGET;
+        let answer = match self.session.token(&self.nodes, deadline).await {
+            Ok(token) => self.nodes.send(Op::Auth, Some(&token.secret), deadline, &f).await,
+            Err(err) => Err(err),
+        };
+        match answer {
+            Ok(caps) if caps.capabilities.iter().any(|c| c == "create" || c == "root") => {
+                tracing::warn!(
+                    path = %path,
+                    "vault: this token may create transit keys: if the key is deleted, an encrypt \
+                     would create a new one instead of failing; use the policy in fixtures/vault \
+                     (no create) or set disable_upsert=true on {}/config/keys",
+                    self.mount
+                );
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::debug!(class = err.class(), error = %err, "vault: cannot check the token's capabilities")
+            }
         }
     }
 
