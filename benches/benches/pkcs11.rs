@@ -3,7 +3,7 @@
 //! - `pkcs11_encrypt_32B`, `pkcs11_decrypt_32B`: AES-256-GCM of a 32-byte seed inside the token,
 //!   raw cryptoki on one session vs `Pkcs11Backend` (session pool, key_id and format checks).
 //! - `pkcs11_round_trip_32B`: encrypt + decrypt, raw vs backend vs the whole plugin over gRPC on a
-//!   Unix socket (guard, health and gRPC layers included).
+//!   Unix socket (guard, health and gRPC layers included), with and without the `:authority` layer.
 //!
 //! Bounded by criterion's flags (`just bench` passes 1 s warm-up, 2 s measurement).
 //! Run: `cargo bench -p kleidi-benches --bench pkcs11` (needs Debian `softhsm2`).
@@ -32,7 +32,8 @@ use cryptoki::types::AuthPin;
 use kleidi::KeyService;
 use kleidi::backend::pkcs11::{Pkcs11Backend, Pkcs11Config, init};
 use kleidi::proto::v2;
-use kleidi_benches::serve_plugin;
+use kleidi::proto::v2::key_management_service_client::KeyManagementServiceClient;
+use kleidi_benches::serve_plugin_with;
 use secrecy::SecretSlice;
 
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -124,10 +125,17 @@ fn pkcs11(c: &mut Criterion) {
     rt.block_on(init(&cfg, &dir.path().join("so-pin"))).unwrap();
     let backend = Arc::new(rt.block_on(Pkcs11Backend::connect(cfg)).unwrap());
     let raw = Raw::open("bench", "kek");
-    let socket_dir = tempfile::tempdir().unwrap();
-    let mut plugin = rt
-        .block_on(serve_plugin(backend.clone(), socket_dir.path()))
-        .unwrap();
+    let (fixed_dir, plain_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let plugins = [
+        ("plugin_grpc", fixed_dir.path(), true),
+        ("plugin_grpc_without_authority_fix", plain_dir.path(), false),
+    ]
+    .map(|(name, dir, fix)| {
+        (
+            name,
+            rt.block_on(serve_plugin_with(backend.clone(), dir, fix)).unwrap(),
+        )
+    });
     let seed = SecretSlice::from(SEED.to_vec());
 
     let mut iv = [0u8; 12];
@@ -169,31 +177,35 @@ fn pkcs11(c: &mut Criterion) {
             black_box(backend.decrypt("bench", &wrapped).await.unwrap())
         });
     });
-    group.bench_function("plugin_grpc", |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                let e = plugin
-                    .encrypt(v2::EncryptRequest {
-                        plaintext: SEED.to_vec(),
-                        uid: "bench".into(),
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                let d = plugin
-                    .decrypt(v2::DecryptRequest {
-                        ciphertext: e.ciphertext,
-                        uid: "bench".into(),
-                        key_id: e.key_id,
-                        annotations: e.annotations,
-                    })
-                    .await
-                    .unwrap();
-                black_box(d)
-            })
-        })
-    });
+    // The same stack served as `kleidi serve` does it, and as plain tonic: the difference is what the
+    // byte-level `:authority` layer costs.
+    for (name, mut plugin) in plugins {
+        group.bench_function(name, |b| {
+            b.iter(|| rt.block_on(grpc_round_trip(&mut plugin)));
+        });
+    }
     group.finish();
+}
+
+async fn grpc_round_trip(plugin: &mut KeyManagementServiceClient<tonic::transport::Channel>) -> Vec<u8> {
+    let e = plugin
+        .encrypt(v2::EncryptRequest {
+            plaintext: SEED.to_vec(),
+            uid: "bench".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let d = plugin
+        .decrypt(v2::DecryptRequest {
+            ciphertext: e.ciphertext,
+            uid: "bench".into(),
+            key_id: e.key_id,
+            annotations: e.annotations,
+        })
+        .await
+        .unwrap();
+    black_box(d.into_inner().plaintext)
 }
 
 criterion_group!(benches, pkcs11);

@@ -139,16 +139,32 @@ pub async fn serve_plugin(
     backend: impl KeyService,
     dir: &Path,
 ) -> anyhow::Result<KeyManagementServiceClient<tonic::transport::Channel>> {
+    serve_plugin_with(backend, dir, true).await
+}
+
+/// [`serve_plugin`], optionally without kleidi's socket layer (the `:authority` fix): plain tonic on
+/// the listener, to measure what that layer costs. Only clients sending a valid `:authority` work.
+pub async fn serve_plugin_with(
+    backend: impl KeyService,
+    dir: &Path,
+    authority_fix: bool,
+) -> anyhow::Result<KeyManagementServiceClient<tonic::transport::Channel>> {
     let svc = Arc::new(Healthy::new(
         Guarded::new(backend, Duration::from_secs(2)),
         HealthTtl::default(),
     ));
     let socket = dir.join("kms.sock");
-    let listener = Listener::bind(&SocketPath::Path(socket.clone()), 0o600)?;
     let router = tonic::transport::Server::builder().add_service(KeyManagementServiceServer::new(
         KmsV2::new(svc, StatusVersion::V2),
     ));
-    tokio::spawn(listener.serve(router, std::future::pending(), Duration::from_secs(1)));
+    if authority_fix {
+        let listener = Listener::bind(&SocketPath::Path(socket.clone()), 0o600)?;
+        tokio::spawn(listener.serve(router, std::future::pending(), Duration::from_secs(1)));
+    } else {
+        let listener = tokio::net::UnixListener::bind(&socket)?;
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        tokio::spawn(router.serve_with_incoming(incoming));
+    }
     let channel = tonic::transport::Endpoint::from_shared(format!("unix:{}", socket.display()))?
         .connect()
         .await?;
