@@ -31,9 +31,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 use kleidi::KeyService;
 use kleidi::backend::pkcs11::{Pkcs11Backend, Pkcs11Config, init};
-use kleidi::proto::v2;
-use kleidi::proto::v2::key_management_service_client::KeyManagementServiceClient;
-use kleidi_benches::serve_plugin_with;
+use kleidi_benches::{grpc_round_trip, serve_plugin_with};
 use secrecy::SecretSlice;
 
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -181,31 +179,10 @@ fn pkcs11(c: &mut Criterion) {
     // byte-level `:authority` layer costs.
     for (name, mut plugin) in plugins {
         group.bench_function(name, |b| {
-            b.iter(|| rt.block_on(grpc_round_trip(&mut plugin)));
+            b.iter(|| black_box(rt.block_on(grpc_round_trip(&mut plugin, &SEED)).unwrap()));
         });
     }
     group.finish();
-}
-
-async fn grpc_round_trip(plugin: &mut KeyManagementServiceClient<tonic::transport::Channel>) -> Vec<u8> {
-    let e = plugin
-        .encrypt(v2::EncryptRequest {
-            plaintext: SEED.to_vec(),
-            uid: "bench".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let d = plugin
-        .decrypt(v2::DecryptRequest {
-            ciphertext: e.ciphertext,
-            uid: "bench".into(),
-            key_id: e.key_id,
-            annotations: e.annotations,
-        })
-        .await
-        .unwrap();
-    black_box(d.into_inner().plaintext)
 }
 
 criterion_group!(benches, pkcs11);

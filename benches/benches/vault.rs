@@ -27,9 +27,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use kleidi::proto::v2;
 use kleidi::{Encrypted, KeyService};
-use kleidi_benches::{BatchDecrypt, BatchItem, KEY, OpenBao, serve_plugin};
+use kleidi_benches::{BatchDecrypt, BatchItem, KEY, OpenBao, grpc_round_trip, serve_plugin};
 use secrecy::{ExposeSecret, SecretSlice};
 use vaultrs::api::transit::requests::DecryptDataRequest;
 use vaultrs::client::VaultClient;
@@ -130,26 +129,7 @@ fn vault(c: &mut Criterion) {
     group.bench_function("plugin_grpc", |b| {
         b.to_async(&rt).iter(|| {
             let mut client = plugin.clone();
-            async move {
-                let wrapped = client
-                    .encrypt(v2::EncryptRequest {
-                        plaintext: SEED.to_vec(),
-                        uid: "bench".into(),
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                let plain = client
-                    .decrypt(v2::DecryptRequest {
-                        ciphertext: wrapped.ciphertext,
-                        uid: "bench".into(),
-                        key_id: wrapped.key_id,
-                        annotations: wrapped.annotations,
-                    })
-                    .await
-                    .unwrap();
-                black_box(plain);
-            }
+            async move { black_box(grpc_round_trip(&mut client, &SEED).await.unwrap()) }
         });
     });
     group.finish();

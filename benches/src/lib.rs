@@ -18,6 +18,7 @@ use kleidi::guard::Guarded;
 use kleidi::health::{HealthTtl, Healthy};
 use kleidi::proto::v2::key_management_service_client::KeyManagementServiceClient;
 use kleidi::proto::v2::key_management_service_server::KeyManagementServiceServer;
+use kleidi::proto::v2::{DecryptRequest, EncryptRequest};
 use kleidi::server::{Endpoint as SocketPath, Listener};
 use kleidi::{KeyService, backend::vault::VaultBackend};
 use rustify_derive::Endpoint;
@@ -169,6 +170,30 @@ pub async fn serve_plugin_with(
         .connect()
         .await?;
     Ok(KeyManagementServiceClient::new(channel))
+}
+
+/// One Encrypt of `seed` and the Decrypt of its answer through a plugin client, as the apiserver's
+/// start-up and a cold read make them.
+pub async fn grpc_round_trip(
+    client: &mut KeyManagementServiceClient<tonic::transport::Channel>,
+    seed: &[u8],
+) -> anyhow::Result<Vec<u8>> {
+    let wrapped = client
+        .encrypt(EncryptRequest {
+            plaintext: seed.to_vec(),
+            uid: "bench".into(),
+        })
+        .await?
+        .into_inner();
+    let plain = client
+        .decrypt(DecryptRequest {
+            ciphertext: wrapped.ciphertext,
+            uid: "bench".into(),
+            key_id: wrapped.key_id,
+            annotations: wrapped.annotations,
+        })
+        .await?;
+    Ok(plain.into_inner().plaintext)
 }
 
 /// `POST {mount}/decrypt/{name}` with `batch_input`: many ciphertexts in one request.
