@@ -361,3 +361,17 @@ async fn logs_carry_no_token_no_secret_id_and_no_plaintext() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_vault_is_reported_by_class_within_a_short_call_timeout() {
+    let bao = Bao::dev();
+    // Below the backend's default 1.75 s budget: Vault must get 7/8 of this, not its default, or
+    // the guard's bare DEADLINE_EXCEEDED would answer first and hide why.
+    let (k, _) = start_with_token(&bao, &["--call-timeout", "800ms"]);
+    assert_eq!(k.status().await.healthz, "ok");
+    bao.pause();
+    let err = k.encrypt(&seed()).await.unwrap_err();
+    bao.resume();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("(network)"), "{}", err.message());
+}

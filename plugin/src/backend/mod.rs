@@ -21,7 +21,7 @@ pub const FORMAT_ANNOTATION: &str = "format.kleidi.dev";
 pub async fn build(args: &ServeArgs) -> Result<Arc<dyn KeyService>> {
     match args.backend {
         BackendKind::Pkcs11 => build_pkcs11(&args.pkcs11).await,
-        BackendKind::Vault => build_vault(&args.vault).await,
+        BackendKind::Vault => build_vault(&args.vault, args.call_timeout).await,
         BackendKind::Tpm => Err(Error::NotImplemented(
             "the tpm backend (TPM 2.0 sealing via tss-esapi) is not implemented yet; use --backend pkcs11"
                 .into(),
@@ -74,13 +74,18 @@ pub async fn pkcs11_init(_: &Pkcs11Args, _: &Path) -> Result<()> {
     ))
 }
 
+/// Vault gets 7/8 of `--call-timeout`, so a call it cannot answer in time ends with its class
+/// (`network`, `sealed`) a little before the guard's bare timeout would.
 #[cfg(feature = "vault")]
-async fn build_vault(args: &VaultArgs) -> Result<Arc<dyn KeyService>> {
-    Ok(Arc::new(vault::VaultBackend::connect(args).await?))
+async fn build_vault(args: &VaultArgs, call_timeout: std::time::Duration) -> Result<Arc<dyn KeyService>> {
+    let budget = call_timeout.mul_f64(7.0 / 8.0);
+    Ok(Arc::new(
+        vault::VaultBackend::connect_with_budget(args, budget).await?,
+    ))
 }
 
 #[cfg(not(feature = "vault"))]
-async fn build_vault(_: &VaultArgs) -> Result<Arc<dyn KeyService>> {
+async fn build_vault(_: &VaultArgs, _: std::time::Duration) -> Result<Arc<dyn KeyService>> {
     Err(Error::NotImplemented(
         "this build has no vault backend (cargo feature `vault`)".into(),
     ))

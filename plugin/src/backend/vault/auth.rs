@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use vaultrs::api::AuthInfo;
 
 use super::api;
-use super::client::{BoxFut, CALL_BUDGET, Call, Nodes, Op, clone_error};
+use super::client::{BoxFut, Call, Nodes, Op, clone_error};
 use crate::config::{VaultArgs, VaultAuth};
 use crate::{Error, Result};
 
@@ -262,7 +262,7 @@ impl Session {
             Action::Login => {
                 // The failure is logged inside and answered to calls; the loop just tries again
                 // (login itself runs at most once per LOGIN_INTERVAL).
-                let _ = self.login(nodes, generation, Instant::now() + CALL_BUDGET).await;
+                let _ = self.login(nodes, generation, nodes.deadline()).await;
                 Duration::from_millis(50)
             }
             // A renewal that failed (Vault down) is retried a tick later, not in a tight loop.
@@ -279,7 +279,7 @@ impl Session {
         let f = |call: Call| -> BoxFut<AuthInfo> {
             Box::pin(async move { vaultrs::token::renew_self(&call, None).await })
         };
-        let deadline = Instant::now() + CALL_BUDGET;
+        let deadline = nodes.deadline();
         match nodes.send(Op::Auth, Some(&token.secret), deadline, &f).await {
             Ok(info) => {
                 let mut state = self.lock();

@@ -25,14 +25,15 @@ use crate::config::VaultArgs;
 use crate::{Error, Result};
 
 /// How long to wait for a TCP + TLS connection before trying the next address: short, so a
-/// black-holed first address still leaves time for the others within [`CALL_BUDGET`].
+/// black-holed first address still leaves time for the others within the call budget.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Bound on one HTTP exchange with one address.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
-/// The most one kleidi call spends on Vault, every address, login and retry included. Below
-/// `kleidi serve`'s default `--call-timeout` (2 s), so a call Vault cannot answer ends with its
-/// class (`network`, `sealed`) instead of the guard's bare timeout, which says nothing about why.
-pub(super) const CALL_BUDGET: Duration = Duration::from_millis(1750);
+/// The most one kleidi call spends on Vault, every address, login and retry included, unless
+/// `kleidi serve` derives another from `--call-timeout`: 7/8 of the default 2 s, so a call Vault
+/// cannot answer ends with its class (`network`, `sealed`) instead of the guard's bare timeout,
+/// which says nothing about why.
+pub const DEFAULT_CALL_BUDGET: Duration = Duration::from_millis(1750);
 /// An attempt with less time than this left is not started: it could not get an answer.
 const MIN_ATTEMPT: Duration = Duration::from_millis(20);
 
@@ -63,6 +64,8 @@ pub(super) struct Nodes {
     args: VaultArgs,
     /// Digest of the CA bundle, client certificate and key the clients were built from.
     tls_files: Mutex<Option<[u8; 32]>>,
+    /// How long one kleidi call may spend on Vault in all.
+    budget: Duration,
 }
 
 struct Node {
@@ -73,7 +76,7 @@ struct Node {
 
 impl Nodes {
     /// Builds one client per address; fails only on configuration that cannot work.
-    pub(super) fn new(args: &VaultArgs) -> Result<Self> {
+    pub(super) fn new(args: &VaultArgs, budget: Duration) -> Result<Self> {
         if args.vault_addr.is_empty() {
             return Err(Error::Config("--vault-addr is required".into()));
         }
@@ -86,7 +89,13 @@ impl Nodes {
             namespace: args.vault_namespace.clone(),
             args: args.clone(),
             tls_files: Mutex::new(tls_files),
+            budget,
         })
+    }
+
+    /// When a call starting now must be done with Vault.
+    pub(super) fn deadline(&self) -> Instant {
+        Instant::now() + self.budget
     }
 
     /// Rebuilds the clients if the CA bundle, client certificate or key changed on disk (a
@@ -186,7 +195,7 @@ impl Nodes {
                 "network",
                 format!(
                     "no time left to ask Vault (budget {} ms)",
-                    CALL_BUDGET.as_millis()
+                    self.budget.as_millis()
                 ),
             )
         }))

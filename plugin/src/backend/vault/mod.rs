@@ -28,7 +28,7 @@ pub use self::auth::SERVICE_ACCOUNT_TOKEN;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -38,7 +38,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
 use self::auth::Session;
-use self::client::{BoxFut, CALL_BUDGET, Call, Nodes, Op, clone_error};
+pub use self::client::DEFAULT_CALL_BUDGET;
+use self::client::{BoxFut, Call, Nodes, Op, clone_error};
 use super::FORMAT_ANNOTATION;
 use crate::config::VaultArgs;
 use crate::service::{Annotations, Encrypted, KeyService};
@@ -92,6 +93,12 @@ impl VaultBackend {
     /// A Vault that is down or refuses the credentials does not stop kleidi (calls answer
     /// Unavailable or Denied until it recovers); a missing or unsuitable key does.
     pub async fn connect(args: &VaultArgs) -> Result<Self> {
+        Self::connect_with_budget(args, DEFAULT_CALL_BUDGET).await
+    }
+
+    /// [`VaultBackend::connect`] with each call's time on Vault (every address, login and retry)
+    /// bounded by `budget`; `kleidi serve` sets it a little below `--call-timeout`.
+    pub async fn connect_with_budget(args: &VaultArgs, budget: Duration) -> Result<Self> {
         let key = args.vault_key.clone().unwrap_or_default();
         let mount = args.vault_transit_mount.trim_matches('/').to_string();
         let usable = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_graphic());
@@ -102,7 +109,7 @@ impl VaultBackend {
             ));
         }
         let inner = Arc::new(Inner {
-            nodes: Nodes::new(args)?,
+            nodes: Nodes::new(args, budget)?,
             session: Session::new(args)?,
             mount,
             key,
@@ -149,9 +156,9 @@ impl Drop for VaultBackend {
 
 impl Inner {
     /// Runs one Vault call with the current token; if Vault refuses the token (revoked, expired),
-    /// logs in again once and retries once. All of it within [`CALL_BUDGET`].
+    /// logs in again once and retries once. All of it within the call budget.
     async fn run<T>(&self, op: Op, f: &(dyn Fn(Call) -> BoxFut<T> + Send + Sync)) -> Result<T> {
-        let deadline = Instant::now() + CALL_BUDGET;
+        let deadline = self.nodes.deadline();
         let token = self.session.token(&self.nodes, deadline).await?;
         match self.nodes.send(op, Some(&token.secret), deadline, f).await {
             Err(Error::Denied { .. }) => {
@@ -178,7 +185,7 @@ impl Inner {
             };
             Box::pin(async move { vaultrs::api::exec_with_result(&call, endpoint).await })
         };
-        let deadline = Instant::now() + CALL_BUDGET;
+        let deadline = self.nodes.deadline();
         let answer = match self.session.token(&self.nodes, deadline).await {
             Ok(token) => self.nodes.send(Op::Auth, Some(&token.secret), deadline, &f).await,
             Err(err) => Err(err),
