@@ -187,14 +187,16 @@ async fn run(command: Command) -> Result<ExitCode> {
 }
 
 async fn audit(etcd: &EtcdArgs, prefix: &str, verbose: bool) -> Result<ExitCode> {
-    let values = etcd.connect().await?.range(prefix.as_bytes()).await?;
     let mut audit = Audit::new();
-    for (key, value) in &values {
-        let class = audit.add(key, value);
-        if verbose {
-            println!("{}  {class}", String::from_utf8_lossy(key));
-        }
-    }
+    etcd.connect()
+        .await?
+        .scan(prefix.as_bytes(), |key, value| {
+            let class = audit.add(key, value);
+            if verbose {
+                println!("{}  {class}", String::from_utf8_lossy(key));
+            }
+        })
+        .await?;
     print!("{audit}");
     if audit.all_encrypted() {
         println!("verdict: every value under {prefix} is encrypted");

@@ -615,3 +615,34 @@ async fn audit_reads_an_etcd_that_demands_client_certificates_like_etcdctl() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[tokio::test]
+async fn range_and_audit_read_every_value_across_pages() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = etcd.client().await.unwrap();
+    // More than two 500-value pages, and keys on both sides of the prefix that must not be read.
+    for i in 0..1203 {
+        store
+            .put(format!("/registry/secrets/ns/s{i:05}").as_bytes(), b"{}".to_vec())
+            .await
+            .unwrap();
+    }
+    store.put(b"/registry/secretz", b"{}".to_vec()).await.unwrap();
+    store
+        .put(b"/registry/configmaps/ns/c", b"{}".to_vec())
+        .await
+        .unwrap();
+    let all = store.range(b"/registry/secrets/").await.unwrap();
+    assert_eq!(all.len(), 1203);
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "not in key order");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kleidi-harness"))
+        .args(["audit", "--etcd", &etcd.url, "--prefix", "/registry/secrets/"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.starts_with("1203 values: plaintext-json 1203\n"),
+        "{stdout}"
+    );
+}

@@ -119,9 +119,23 @@ impl EtcdStore {
 
     /// Every key and value under `prefix`, in key order, read in pages.
     pub async fn range(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        self.scan(prefix, |key, value| out.push((key.to_vec(), value.to_vec())))
+            .await?;
+        Ok(out)
+    }
+
+    /// Calls `visit` with every key and value under `prefix`, in key order, one page of at most
+    /// 500 values in memory at a time (an audit of a large cluster must not hold all of etcd).
+    /// Returns how many were visited.
+    pub async fn scan(
+        &self,
+        prefix: &[u8],
+        mut visit: impl FnMut(&[u8], &[u8]),
+    ) -> Result<usize, StoreError> {
         let end = prefix_end(prefix);
         let mut kv = self.client.kv_client();
-        let mut out = Vec::new();
+        let mut visited = 0;
         // etcd has no empty key: the whole keyspace starts at "\0".
         let mut from = if prefix.is_empty() {
             vec![0]
@@ -134,12 +148,10 @@ impl EtcdStore {
                 .get(from.clone(), Some(options))
                 .await
                 .map_err(|e| self.failed(e))?;
-            out.extend(
-                response
-                    .kvs()
-                    .iter()
-                    .map(|kv| (kv.key().to_vec(), kv.value().to_vec())),
-            );
+            for pair in response.kvs() {
+                visit(pair.key(), pair.value());
+                visited += 1;
+            }
             let Some(last) = response.kvs().last() else { break };
             if !response.more() {
                 break;
@@ -148,7 +160,7 @@ impl EtcdStore {
             from = last.key().to_vec();
             from.push(0);
         }
-        Ok(out)
+        Ok(visited)
     }
 }
 
