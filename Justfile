@@ -35,8 +35,9 @@ demo: deps
 test: deps
     cargo test --workspace --locked
 
-# Slow and container suites on top of `just test` (marked #[ignore] in the default run).
-e2e: deps
+# Slow and container suites on top of `just test` (marked #[ignore] in the default run); builds
+# the kleidi image first (Docker, debootstrap).
+e2e: deps image
     cargo test --workspace --locked -- --include-ignored
 
 # criterion, bounded: each backend raw and through kleidi in the same run (report ratios, not times).
