@@ -73,6 +73,27 @@ impl Kleidi {
         self.child.try_wait().unwrap().is_none()
     }
 
+    /// Sends `sig` (`TERM`, `INT`, …) to the process.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{sig}");
+    }
+
+    /// Waits at most `limit` for the process to exit; its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(started.elapsed() < limit, "kleidi still runs after {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A v2 client over the socket (`unix:` endpoint, as in the interop tests).
     pub async fn v2(&self) -> KeyManagementServiceClient<Channel> {
         let channel = tonic::transport::Endpoint::from_shared(format!("unix:{}", self.socket.display()))
