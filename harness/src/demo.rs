@@ -90,10 +90,7 @@ async fn steps(args: DemoArgs) -> Result<ExitCode> {
         .get(key.as_bytes())
         .await?
         .context("the Secret is not in etcd")?;
-    print!(
-        "{}",
-        audit::hexdump(&[key.as_bytes(), b"\n", &raw, b"\n"].concat())
-    );
+    print!("{}", audit::etcdctl_hexdump(key.as_bytes(), &raw));
     println!("    {}", audit::classify(&raw));
 
     step("audit of every value under /registry/");

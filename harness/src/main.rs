@@ -155,10 +155,7 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Dump { etcd, key } => {
             let value = etcd.connect().await?.get(key.as_bytes()).await?;
             let value = value.with_context(|| format!("no value at {key}"))?;
-            print!(
-                "{}",
-                audit::hexdump(&[key.as_bytes(), b"\n", &value, b"\n"].concat())
-            );
+            print!("{}", audit::etcdctl_hexdump(key.as_bytes(), &value));
             Ok(ExitCode::SUCCESS)
         }
         Command::Get {

@@ -405,17 +405,21 @@ async fn put_get_and_dump_commands_round_trip_a_secret_like_the_apiserver() {
             .unwrap()
     };
     let socket = c.plugin.socket.display().to_string();
-    let out = harness(&[
-        "put",
-        "--etcd",
-        &c.etcd.url,
-        "--plugin",
-        &socket,
-        "--provider",
-        PROVIDER,
-        key,
-        manifest.to_str().unwrap(),
-    ]);
+    let manifest = manifest.to_str().unwrap();
+    let put = |key: &str| {
+        harness(&[
+            "put",
+            "--etcd",
+            &c.etcd.url,
+            "--plugin",
+            &socket,
+            "--provider",
+            PROVIDER,
+            key,
+            manifest,
+        ])
+    };
+    let out = put(key);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // What landed is an apiserver-readable value: the harness's own envelope reads it.
@@ -450,17 +454,7 @@ async fn put_get_and_dump_commands_round_trip_a_secret_like_the_apiserver() {
     );
 
     // A key that does not match the manifest is refused before anything is written.
-    let out = harness(&[
-        "put",
-        "--etcd",
-        &c.etcd.url,
-        "--plugin",
-        &socket,
-        "--provider",
-        PROVIDER,
-        "/registry/secrets/prod/other",
-        manifest.to_str().unwrap(),
-    ]);
+    let out = put("/registry/secrets/prod/other");
     assert_eq!(out.status.code(), Some(2));
     assert!(
         c.storage

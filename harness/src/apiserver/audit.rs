@@ -304,6 +304,11 @@ impl fmt::Display for Audit {
     }
 }
 
+/// What `etcdctl get KEY | hexdump -C` prints: the key, a newline, the value, a newline.
+pub fn etcdctl_hexdump(key: &[u8], value: &[u8]) -> String {
+    hexdump(&[key, b"\n", value, b"\n"].concat())
+}
+
 /// `hexdump -C`: offset, 16 bytes in two groups of 8, `|ascii|`, repeated lines squeezed to `*`, and the
 /// final offset on its own line (nothing at all for empty input).
 pub fn hexdump(bytes: &[u8]) -> String {
