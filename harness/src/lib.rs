@@ -8,6 +8,7 @@
 
 pub mod apiserver;
 pub mod runtime;
+pub mod scenario;
 
 pub use apiserver::audit;
 pub use apiserver::{Envelope, Error};
