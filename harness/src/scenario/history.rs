@@ -316,6 +316,15 @@ impl History {
     }
 }
 
+impl std::fmt::Debug for History {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("History")
+            .field("events", &lock(&self.inner.events).len())
+            .field("file", &self.inner.sink.is_some())
+            .finish()
+    }
+}
+
 impl Default for History {
     fn default() -> Self {
         Self::new()
