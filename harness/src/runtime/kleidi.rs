@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::{Process, SoftHsmToken};
+use super::{OpenBao, Process, SoftHsmToken};
 
 /// The `kleidi` binary: `$KLEIDI_BIN`, else the one cargo built beside this executable
 /// (`target/<profile>/kleidi`; `cargo test --workspace` and `cargo build -p kleidi` build it).
@@ -26,7 +26,7 @@ pub fn kleidi_bin() -> Result<PathBuf> {
     )
 }
 
-/// A running `kleidi serve --backend pkcs11`.
+/// A running `kleidi serve` (pkcs11 or vault backend).
 pub struct KleidiPlugin {
     /// The process (fault verbs: stop, kill, restart, pause, …).
     pub process: Process,
@@ -38,18 +38,44 @@ impl KleidiPlugin {
     /// Starts kleidi on `<token dir>/run/kms.sock` with key `key_label` and waits until it listens.
     pub async fn start(bin: &Path, token: &SoftHsmToken, key_label: &str, extra: &[&str]) -> Result<Self> {
         let socket = token.dir().join("run/kms.sock");
+        let mut args = token.flags(key_label);
+        args.splice(0..0, ["--backend".to_string(), "pkcs11".into()]);
+        let env = [("SOFTHSM2_CONF".to_string(), token.conf().display().to_string())];
+        let log = token.dir().join(format!("kleidi-{key_label}.log"));
+        Self::launch(bin, socket, args, &env, &log, extra).await
+    }
+
+    /// Starts kleidi with `--backend vault` on `<dir>/kms.sock` (log `<dir>/kleidi.log`), using
+    /// `bao`'s key and kleidi token and reaching OpenBao at `url`: [`OpenBao::url`], or a fault
+    /// proxy's in front of it. Waits until it listens.
+    pub async fn start_vault(
+        bin: &Path,
+        bao: &OpenBao,
+        url: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let socket = dir.join("kms.sock");
+        let log = dir.join("kleidi.log");
+        Self::launch(bin, socket, bao.kleidi_flags(url), &[], &log, extra).await
+    }
+
+    async fn launch(
+        bin: &Path,
+        socket: PathBuf,
+        backend: Vec<String>,
+        env: &[(String, String)],
+        log: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
         let mut args = vec![
             "serve".to_string(),
             "--listen".into(),
             format!("unix://{}", socket.display()),
-            "--backend".into(),
-            "pkcs11".into(),
         ];
-        args.extend(token.flags(key_label));
+        args.extend(backend);
         args.extend(extra.iter().map(|s| s.to_string()));
-        let env = [("SOFTHSM2_CONF".to_string(), token.conf().display().to_string())];
-        let log = token.dir().join(format!("kleidi-{key_label}.log"));
-        let process = Process::spawn("kleidi", bin, &args, &env, &log)?;
+        let process = Process::spawn("kleidi", bin, &args, env, log)?;
         let plugin = KleidiPlugin { process, socket };
         plugin.wait_ready(Duration::from_secs(20)).await?;
         Ok(plugin)
