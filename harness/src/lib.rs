@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
+pub mod conformance;
 pub mod runtime;
 pub mod scenario;
 

@@ -2,7 +2,8 @@
 //! a real etcd (read-only) and exits non-zero if any is stored in clear; `dump` prints one raw value
 //! like `etcdctl get KEY | hexdump -C`; `get` and `put` read and write one object through the KMS v2
 //! envelope and a running plugin, as kube-apiserver would (disaster recovery, scripting); `demo` runs
-//! the whole path on this machine and stops everything it started. Logic lives in the library.
+//! the whole path on this machine and stops everything it started; `conformance` checks any running
+//! KMS v2 plugin against the contract, one line per check. Logic lives in the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,11 +14,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use kleidi_harness::apiserver::object::{self, Encoding};
 use kleidi_harness::apiserver::{Authority, Envelope, EtcdStore, EtcdTls, Storage, connect_unix};
 use kleidi_harness::audit::{self, Audit, Class};
+use kleidi_harness::conformance;
 
 mod demo;
 
 /// Exit code when `audit` finds a value in clear.
 const EXIT_IN_CLEAR: u8 = 1;
+/// Exit code when `conformance` finds a check that does not pass.
+const EXIT_NONCONFORMANT: u8 = 1;
 /// Exit code for any other failure (etcd unreachable, bad arguments, plugin errors).
 const EXIT_ERROR: u8 = 2;
 
@@ -84,6 +88,12 @@ enum Command {
     /// Start etcd, a SoftHSM token and `kleidi serve`, write a Secret through them, show the raw
     /// bytes, audit them, read the Secret back, and stop everything.
     Demo(demo::DemoArgs),
+    /// Check a running KMS v2 plugin (any, not only kleidi) against the contract kube-apiserver
+    /// relies on: one line per check (pass / FAIL / unknown); exit 0 only if every check passes.
+    Conformance {
+        #[command(flatten)]
+        plugin: PluginArgs,
+    },
 }
 
 /// Where etcd is, and etcdctl's TLS flags.
@@ -180,6 +190,16 @@ async fn run(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => demo::run(args).await,
+        Command::Conformance { plugin } => {
+            println!("conformance of {} to the KMS v2 contract", plugin.plugin);
+            let report = conformance::run(&plugin.plugin).await;
+            print!("{report}");
+            Ok(if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_NONCONFORMANT)
+            })
+        }
     }
 }
 
