@@ -1,7 +1,8 @@
 //! The guard layer: what every call must satisfy whatever the backend. It bounds each backend
 //! call in time (well below the apiserver's 3 s), rejects unusable requests before they reach the
 //! backend, checks the backend's answers against the limits kube-apiserver enforces (spec 2.1), and
-//! logs one line per call. No secrets are logged: only uid, key_id, sizes, outcome class and time.
+//! logs each call (failures at warn, successes at debug). No secrets are logged: only uid, key_id
+//! (escaped and cut: the client chose them), sizes, outcome class and time.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretSlice};
 
+use crate::logging::Client;
 use crate::service::{Annotations, Encrypted, KeyService};
 use crate::{Error, Result};
 
@@ -65,8 +67,13 @@ impl<S: KeyService> KeyService for Guarded<S> {
         .await;
         let ms = started.elapsed().as_millis();
         match &result {
-            Ok(out) => tracing::info!(uid, key_id = %out.key_id, plaintext_len = len, ms, "encrypt ok"),
-            Err(err) => tracing::warn!(uid, class = err.class(), ms, error = %err, "encrypt failed"),
+            // Debug level: a line per successful call would bury the events an operator alerts on.
+            Ok(out) => {
+                tracing::debug!(uid = %Client(uid), key_id = %out.key_id, plaintext_len = len, ms, "encrypt ok")
+            }
+            Err(err) => {
+                tracing::warn!(uid = %Client(uid), class = err.class(), ms, error = %err, "encrypt failed")
+            }
         }
         result
     }
@@ -85,9 +92,11 @@ impl<S: KeyService> KeyService for Guarded<S> {
         let ms = started.elapsed().as_millis();
         match &result {
             // Decrypt runs thousands of times when an apiserver fills its watch cache: debug level.
-            Ok(_) => tracing::debug!(uid, key_id = %encrypted.key_id, ms, "decrypt ok"),
+            Ok(_) => {
+                tracing::debug!(uid = %Client(uid), key_id = %Client(&encrypted.key_id), ms, "decrypt ok")
+            }
             Err(err) => {
-                tracing::warn!(uid, key_id = %encrypted.key_id, class = err.class(), ms, error = %err, "decrypt failed")
+                tracing::warn!(uid = %Client(uid), key_id = %Client(&encrypted.key_id), class = err.class(), ms, error = %err, "decrypt failed")
             }
         }
         result

@@ -4,8 +4,13 @@
 //! 20 s, on every control-plane node. Status must stay cheap and still tell the truth, so it answers
 //! from the last probe: a real encrypt + decrypt round trip of a random 32-byte value with the current
 //! key, repeated at most once per `ok_ttl` while healthy and once per `err_ttl` after a failure.
-//! Real calls feed in: an error that says something about the backend (not bad input) makes the next
-//! Status probe again instead of trusting the cache. Concurrent Status calls share one probe.
+//!
+//! Real calls feed in both ways. A backend failure (not bad input) while the cache says healthy makes
+//! the next Status probe at once instead of trusting the cache; while the cache already says
+//! unhealthy, further failures change nothing (`err_ttl` paces the probes, so a hung backend costs one
+//! probe per `err_ttl`, not one per Status). A successful Encrypt, or a Decrypt under the current
+//! key, is as good as a probe: Status says ok again with the first call that works. Only one probe
+//! runs at a time; Status calls during it answer from the previous result.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,21 +54,26 @@ pub struct Health {
     pub key_id: String,
 }
 
-struct Probe {
+/// The last verdict on the backend, from a probe or a real call.
+struct Verdict {
     at: Instant,
-    healthy: bool,
-    health: Health,
+    /// `None` when healthy, else the healthz reason.
+    failure: Option<String>,
+    /// When the backend last went from healthy to failing (for the recovery log line).
+    failing_since: Option<Instant>,
 }
 
 /// A [`KeyService`] that also answers Status from a cached round-trip probe.
 pub struct Healthy<S> {
     inner: S,
     ttl: HealthTtl,
-    last: tokio::sync::Mutex<Option<Probe>>,
+    last: Mutex<Option<Verdict>>,
+    /// Held by the one probe in flight.
+    probing: tokio::sync::Mutex<()>,
     /// The key_id of the latest successful encrypt or probe, so Status follows a rotation that a real
     /// Encrypt saw first.
     key_id: Mutex<String>,
-    /// Set by a backend failure in a real call: the next Status probes instead of using the cache.
+    /// Set by a backend failure in a real call while the cache says healthy: the next Status probes.
     suspect: AtomicBool,
 }
 
@@ -73,52 +83,107 @@ impl<S: KeyService> Healthy<S> {
         Self {
             inner,
             ttl,
-            last: tokio::sync::Mutex::new(None),
+            last: Mutex::new(None),
+            probing: tokio::sync::Mutex::new(()),
             key_id: Mutex::new(String::new()),
             suspect: AtomicBool::new(false),
         }
     }
 
-    /// The cached health, probing the backend first if the cache is stale.
+    /// The cached health, probing the backend first if the cache is stale and no probe is running.
     pub async fn health(&self) -> Health {
-        let mut last = self.last.lock().await;
-        let fresh = last.as_ref().is_some_and(|p| {
-            let ttl = if p.healthy { self.ttl.ok } else { self.ttl.err };
-            p.at.elapsed() < ttl
-        });
-        if fresh && !self.suspect.load(Ordering::Acquire) {
-            if let Some(p) = last.as_ref() {
-                return Health {
-                    healthz: p.health.healthz.clone(),
-                    key_id: self.known_key_id(),
-                };
-            }
+        if let Some(health) = self.cached(true) {
+            return health;
         }
+        let _probe = match self.probing.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => {
+                // A probe is running: answer from the last verdict, if there ever was one.
+                if let Some(health) = self.cached(false) {
+                    return health;
+                }
+                let guard = self.probing.lock().await;
+                if let Some(health) = self.cached(true) {
+                    return health;
+                }
+                guard
+            }
+        };
         self.suspect.store(false, Ordering::Release);
+        let started = Instant::now();
         let result = tokio::time::timeout(self.ttl.probe_timeout, self.probe())
             .await
             .unwrap_or(Err(Error::Timeout(self.ttl.probe_timeout)));
-        let healthy = result.is_ok();
-        let healthz = match result {
+        match result {
             Ok(key_id) => {
                 self.remember_key_id(&key_id);
-                "ok".to_string()
+                self.record(started, None);
             }
             Err(err) => {
                 tracing::warn!(class = err.class(), error = %err, "health probe failed");
-                short_reason(&err)
+                self.record(started, Some(short_reason(&err)));
             }
-        };
-        let health = Health {
-            healthz,
+        }
+        self.cached(false).unwrap_or_else(|| Health {
+            healthz: "no verdict".into(),
             key_id: self.known_key_id(),
+        })
+    }
+
+    /// The last verdict as Status reports it; with `fresh_only`, only while its TTL lasts and no real
+    /// call has cast doubt on a healthy one.
+    fn cached(&self, fresh_only: bool) -> Option<Health> {
+        let last = lock(&self.last);
+        let verdict = last.as_ref()?;
+        if fresh_only {
+            let ttl = if verdict.failure.is_none() {
+                self.ttl.ok
+            } else {
+                self.ttl.err
+            };
+            let doubted = verdict.failure.is_none() && self.suspect.load(Ordering::Acquire);
+            if verdict.at.elapsed() >= ttl || doubted {
+                return None;
+            }
+        }
+        Some(Health {
+            healthz: verdict.failure.clone().unwrap_or_else(|| "ok".into()),
+            key_id: self.known_key_id(),
+        })
+    }
+
+    /// Stores a verdict reached by something that started at `started`, unless a newer one exists
+    /// (a real call that succeeded while a slow probe was still failing). Logs the transitions.
+    fn record(&self, started: Instant, failure: Option<String>) {
+        let mut last = lock(&self.last);
+        if last.as_ref().is_some_and(|v| v.at > started) {
+            return;
+        }
+        let previous = last.as_ref().map(|v| (v.failure.is_some(), v.failing_since));
+        let failing_since = match (&failure, previous) {
+            (None, _) => None,
+            (Some(_), Some((true, since))) => since,
+            (Some(_), _) => Some(started),
         };
-        *last = Some(Probe {
+        if let (None, Some((true, since))) = (&failure, previous) {
+            let down_s = since.map(|t| t.elapsed().as_secs_f64()).unwrap_or_default();
+            tracing::info!(down_s = format!("{down_s:.1}"), "backend healthy again");
+        }
+        *last = Some(Verdict {
             at: Instant::now(),
-            healthy,
-            health: health.clone(),
+            failure,
+            failing_since,
         });
-        health
+    }
+
+    /// A real call just worked with the current key: as good as a probe, if the last verdict was a
+    /// failure (a healthy verdict is left to age, so probes still run once per `ok` TTL).
+    fn vouch(&self) {
+        let failing = lock(&self.last).as_ref().is_some_and(|v| v.failure.is_some());
+        if failing {
+            self.suspect.store(false, Ordering::Release);
+            self.record(Instant::now(), None);
+        }
     }
 
     async fn probe(&self) -> Result<String> {
@@ -143,27 +208,31 @@ impl<S: KeyService> Healthy<S> {
     }
 
     fn known_key_id(&self) -> String {
-        self.key_id.lock().map(|k| k.clone()).unwrap_or_default()
+        lock(&self.key_id).clone()
     }
 
     fn remember_key_id(&self, key_id: &str) {
-        if let Ok(mut k) = self.key_id.lock() {
-            if *k != key_id {
-                if !k.is_empty() {
-                    tracing::info!(from = %*k, to = %key_id, "current key_id changed");
-                }
-                *k = key_id.to_string();
+        let mut k = lock(&self.key_id);
+        if *k != key_id {
+            if !k.is_empty() {
+                tracing::info!(from = %*k, to = %key_id, "current key_id changed");
             }
+            *k = key_id.to_string();
         }
     }
 
     fn observe<T>(&self, result: &Result<T>) {
         if let Err(err) = result {
-            if err.affects_health() {
+            let healthy = lock(&self.last).as_ref().is_some_and(|v| v.failure.is_none());
+            if err.affects_health() && healthy {
                 self.suspect.store(true, Ordering::Release);
             }
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The healthz text: the error's class and message, cut short (it lands in apiserver logs).
@@ -186,7 +255,9 @@ impl<S: KeyService> KeyService for Healthy<S> {
         let result = self.inner.encrypt(uid, plaintext).await;
         self.observe(&result);
         if let Ok(out) = &result {
+            // The backend encrypts with its current key, so this names it.
             self.remember_key_id(&out.key_id);
+            self.vouch();
         }
         result
     }
@@ -194,6 +265,9 @@ impl<S: KeyService> KeyService for Healthy<S> {
     async fn decrypt(&self, uid: &str, encrypted: &Encrypted) -> Result<SecretSlice<u8>> {
         let result = self.inner.decrypt(uid, encrypted).await;
         self.observe(&result);
+        if result.is_ok() && encrypted.key_id == self.known_key_id() {
+            self.vouch();
+        }
         result
     }
 
@@ -218,6 +292,9 @@ mod tests {
         calls: AtomicUsize,
         down: AtomicBool,
         lie: AtomicBool,
+        /// current_key_id waits for this before answering (a hung backend).
+        hang: tokio::sync::Notify,
+        hung: AtomicBool,
         key_id: Mutex<String>,
     }
 
@@ -251,6 +328,9 @@ mod tests {
         }
         async fn current_key_id(&self) -> Result<String> {
             self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.hung.load(Ordering::SeqCst) {
+                self.hang.notified().await;
+            }
             if self.down.load(Ordering::SeqCst) {
                 return Err(Error::Unavailable {
                     backend: "scripted",
@@ -360,5 +440,108 @@ mod tests {
         *backend.key_id.lock().unwrap() = "k2".into();
         tokio::time::sleep(Duration::from_millis(60)).await;
         assert_eq!(healthy.health().await.key_id, "k2");
+    }
+
+    #[tokio::test]
+    async fn a_successful_real_call_with_the_current_key_counts_as_a_good_probe() {
+        let (backend, healthy) = layer(60_000);
+        assert_eq!(healthy.health().await.healthz, "ok");
+        backend.down.store(true, Ordering::SeqCst);
+        let seed = SecretSlice::from(vec![1u8; 32]);
+        assert!(healthy.encrypt("u", &seed).await.is_err());
+        assert_ne!(healthy.health().await.healthz, "ok");
+        backend.down.store(false, Ordering::SeqCst);
+        let calls = backend.calls.load(Ordering::SeqCst);
+        let wrapped = healthy.encrypt("u", &seed).await.unwrap();
+        assert_eq!(
+            healthy.health().await.healthz,
+            "ok",
+            "the failed probe is a minute fresh, but a real Encrypt just succeeded"
+        );
+        assert_eq!(
+            backend.calls.load(Ordering::SeqCst),
+            calls + 1,
+            "no probe was needed"
+        );
+        // A Decrypt under the current key counts too.
+        backend.down.store(true, Ordering::SeqCst);
+        assert!(healthy.encrypt("u", &seed).await.is_err());
+        assert_ne!(healthy.health().await.healthz, "ok");
+        backend.down.store(false, Ordering::SeqCst);
+        healthy.decrypt("u", &wrapped).await.unwrap();
+        assert_eq!(healthy.health().await.healthz, "ok");
+    }
+
+    #[tokio::test]
+    async fn a_successful_call_under_an_old_key_is_no_probe_of_the_current_one() {
+        let (backend, healthy) = layer(60_000);
+        let seed = SecretSlice::from(vec![1u8; 32]);
+        assert_eq!(healthy.health().await.key_id, "k1");
+        let old = healthy.encrypt("u", &seed).await.unwrap();
+        *backend.key_id.lock().unwrap() = "k2".into();
+        assert_eq!(healthy.health().await.key_id, "k1", "cached");
+        backend.down.store(true, Ordering::SeqCst);
+        assert!(healthy.encrypt("u", &seed).await.is_err());
+        assert_ne!(healthy.health().await.healthz, "ok");
+        backend.down.store(false, Ordering::SeqCst);
+        // The cached key_id is k1 here, so a k1 decrypt would count; make k2 known first.
+        *healthy.key_id.lock().unwrap() = "k2".into();
+        healthy.decrypt("u", &old).await.unwrap();
+        assert_ne!(healthy.health().await.healthz, "ok", "k1 is not the current key");
+    }
+
+    #[tokio::test]
+    async fn while_calls_fail_status_probes_once_per_err_ttl_not_once_per_call() {
+        let (backend, healthy) = layer(60_000);
+        assert_eq!(healthy.health().await.healthz, "ok");
+        backend.down.store(true, Ordering::SeqCst);
+        let seed = SecretSlice::from(vec![1u8; 32]);
+        let before = backend.calls.load(Ordering::SeqCst);
+        for _ in 0..5 {
+            assert!(healthy.encrypt("u", &seed).await.is_err());
+            assert_ne!(healthy.health().await.healthz, "ok");
+        }
+        // 5 failed encrypts + one probe (current_key_id fails first).
+        assert_eq!(backend.calls.load(Ordering::SeqCst) - before, 5 + 1);
+    }
+
+    #[tokio::test]
+    async fn against_a_hung_backend_one_probe_is_in_flight_and_other_status_calls_answer_at_once() {
+        let (backend, healthy) = layer(50);
+        let healthy = Arc::new(healthy);
+        backend.down.store(true, Ordering::SeqCst);
+        assert_ne!(healthy.health().await.healthz, "ok");
+        // The backend hangs; once the failed verdict is older than its TTL, Status probes again.
+        backend.hung.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let before = backend.calls.load(Ordering::SeqCst);
+        let probing = tokio::spawn({
+            let healthy = Arc::clone(&healthy);
+            async move { healthy.health().await }
+        });
+        for _ in 0..1000 {
+            if backend.calls.load(Ordering::SeqCst) > before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(
+            backend.calls.load(Ordering::SeqCst),
+            before + 1,
+            "the probe started"
+        );
+        for _ in 0..10 {
+            let h = healthy.health().await;
+            assert!(h.healthz.contains("unavailable"), "{}", h.healthz);
+        }
+        assert!(!probing.is_finished(), "the others did not wait for the probe");
+        assert_eq!(
+            backend.calls.load(Ordering::SeqCst),
+            before + 1,
+            "one probe in flight"
+        );
+        backend.hung.store(false, Ordering::SeqCst);
+        backend.hang.notify_waiters();
+        assert_ne!(probing.await.unwrap().healthz, "ok");
     }
 }

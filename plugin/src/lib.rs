@@ -4,7 +4,7 @@
 //!
 //! Reading order: [`service`] (the backend trait every backend implements) → [`backend`] (the key
 //! services) → [`guard`] and [`health`] (layers around any backend) → [`grpc`] (proto ↔ service
-//! types, nothing else) → [`server`] (the socket) → [`config`] (flags). Errors live in [`error`].
+//! types, nothing else) → [`server`] (the socket) → [`config`] (flags). Errors live in [`error`]; what logs look like, in [`logging`].
 
 #![forbid(unsafe_code)]
 
@@ -15,6 +15,7 @@ pub mod error;
 pub mod grpc;
 pub mod guard;
 pub mod health;
+pub mod logging;
 pub mod server;
 pub mod service;
 

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use kleidi::config::{Cli, Command, LogFormat, Pkcs11Command, ServeArgs};
+use kleidi::config::{Cli, Command, Pkcs11Command, ServeArgs};
 use kleidi::grpc::{KmsV1, KmsV2};
 use kleidi::guard::Guarded;
 use kleidi::health::Healthy;
@@ -19,7 +19,7 @@ const MAX_MESSAGE: usize = 64 * 1024;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    kleidi::logging::init(cli.log_format);
     let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Pkcs11(Pkcs11Command::Init {
@@ -71,19 +71,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM"),
         _ = int.recv() => tracing::info!("SIGINT"),
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KLEIDI_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour only on a terminal: kubelet and journald store escape codes verbatim.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

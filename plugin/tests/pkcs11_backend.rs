@@ -448,3 +448,60 @@ async fn a_wrong_pin_is_denied_and_never_retried_until_the_pin_file_changes() {
     round_trip(&backend).await;
     assert!(!backend.token_status().await.unwrap().user_pin_count_low);
 }
+
+#[tokio::test]
+async fn a_key_id_naming_a_key_that_cannot_decrypt_is_the_callers_bad_input() {
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::{Attribute, KeyType, ObjectClass};
+
+    let token = Token::new("not-for-gcm");
+    let backend = token.backend("kek").await;
+    let good = round_trip(&backend).await;
+    let key = |label: &str, id: &[u8], kind: KeyType, decrypt: bool| {
+        vec![
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(kind),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(decrypt),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Id(id.to_vec()),
+        ]
+    };
+    softhsm::with_admin_session(&token.label, |s| {
+        // Another key type under a label/CKA_ID a client names.
+        s.generate_key(
+            &Mechanism::GenericSecretKeyGen,
+            &key("generic", &[0x01], KeyType::GENERIC_SECRET, true),
+        )?;
+        // An AES key that may not decrypt.
+        s.generate_key(
+            &Mechanism::AesKeyGen,
+            &key("no-decrypt", &[0x02], KeyType::AES, false),
+        )?;
+        // Two AES keys sharing one label/CKA_ID pair.
+        for _ in 0..2 {
+            s.generate_key(&Mechanism::AesKeyGen, &key("twins", &[0x03], KeyType::AES, true))?;
+        }
+        Ok(())
+    });
+    for key_id in ["pkcs11:generic:01", "pkcs11:no-decrypt:02", "pkcs11:twins:03"] {
+        let bad = Encrypted {
+            key_id: key_id.into(),
+            ..good.clone()
+        };
+        let result = backend.decrypt("uid", &bad).await;
+        let err = result.as_ref().err().map(|e| e.to_string());
+        let msg = assert_bad_ciphertext(result, key_id);
+        assert!(msg.contains(key_id), "{err:?}");
+        assert_eq!(
+            tonic::Status::from(Error::BadCiphertext(msg)).code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+    // The backend is not broken by any of it.
+    round_trip(&backend).await;
+}

@@ -463,3 +463,57 @@ fn grpcio_client_works_with_every_authority_kube_apiserver_and_c_core_send() {
         assert!(logs.contains(&line), "no rewrite of {original} logged:\n{logs}");
     }
 }
+
+/// What a client controls (key_id, uid) cannot write a line of its own into kleidi's log, nor make
+/// one line huge, in either log format.
+#[tokio::test]
+async fn client_fields_cannot_forge_log_lines_or_flood_them() {
+    for format in ["text", "json"] {
+        let token = Token::new();
+        let k = Kleidi::start(&token, KEK, &["--log-format", format]);
+        let good = encrypt(&k, seed()).await.unwrap();
+        let forged_key_ids = [
+            format!("{}\nFORGED key_id line", good.key_id),
+            "pkcs11:kek\r\nFORGED label line:ab".to_owned(),
+            "x".repeat(60 * 1024),
+        ];
+        for key_id in forged_key_ids {
+            let err = k
+                .v2()
+                .await
+                .decrypt(v2::DecryptRequest {
+                    ciphertext: good.ciphertext.clone(),
+                    uid: "u\nFORGED uid line".into(),
+                    key_id,
+                    annotations: good.annotations.clone(),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{format}: {err:?}");
+        }
+        for uid in ["y".repeat(60 * 1024), "v\u{1b}[2J\nFORGED escape".into()] {
+            k.v2()
+                .await
+                .encrypt(v2::EncryptRequest {
+                    plaintext: seed(),
+                    uid,
+                })
+                .await
+                .unwrap();
+        }
+        let logs = k.logs();
+        assert!(
+            logs.contains("decrypt failed"),
+            "{format}: calls were logged:\n{logs}"
+        );
+        for line in logs.lines() {
+            assert!(!line.starts_with("FORGED"), "{format}: forged line {line:?}");
+            assert!(!line.contains('\u{1b}'), "{format}: raw escape in {line:?}");
+            assert!(line.len() < 2048, "{format}: a {} byte line", line.len());
+            if format == "json" {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line:?}"));
+            }
+        }
+    }
+}

@@ -375,3 +375,65 @@ async fn a_hung_vault_is_reported_by_class_within_a_short_call_timeout() {
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("(network)"), "{}", err.message());
 }
+
+/// At the default log level an outage gives an operator a few lines per failed call, each one line,
+/// all from kleidi (none from the Vault client crates), and a healthy minute of load gives none
+/// per call. After the token is replaced, Status says ok as soon as real calls succeed again,
+/// not a health-err-ttl later.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outage_logs_few_single_line_events_from_kleidi_only_and_status_follows_recovery() {
+    let bao = Bao::dev();
+    // A failed probe is trusted for a minute: only a successful real call can end it early.
+    let (k, token) = start_with_token_logging("", &bao, &["--health-err-ttl", "60s"]);
+    for _ in 0..20 {
+        k.encrypt(&seed()).await.unwrap();
+    }
+    let healthy_lines = k.logs().lines().count();
+
+    bao.run(&["token", "revoke", &token]);
+    let failed_calls = 10;
+    for _ in 0..failed_calls {
+        assert_eq!(
+            k.encrypt(&seed()).await.unwrap_err().code(),
+            Code::PermissionDenied
+        );
+    }
+    assert_ne!(k.status().await.healthz, "ok");
+    let new_token = bao.kleidi_token("kek", "1h");
+    bao.file("token", &new_token);
+    let started = Instant::now();
+    while k.encrypt(&seed()).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the new token was not used"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        k.status().await.healthz,
+        "ok",
+        "a successful Encrypt with the current key is a good probe"
+    );
+
+    let logs = k.logs();
+    let lines: Vec<&str> = logs.lines().collect();
+    assert!(
+        healthy_lines <= 8,
+        "20 healthy Encrypts logged {healthy_lines} lines at the default level:\n{logs}"
+    );
+    for line in &lines {
+        assert!(
+            line.starts_with("20"),
+            "not one line per event (no timestamp): {line:?}"
+        );
+        assert!(
+            !line.contains(" vaultrs") && !line.contains(" rustify"),
+            "a dependency's log line: {line}"
+        );
+    }
+    let outage_lines = lines.len() - healthy_lines;
+    assert!(
+        outage_lines <= 3 * failed_calls + 10,
+        "{outage_lines} lines for {failed_calls} failed calls:\n{logs}"
+    );
+}

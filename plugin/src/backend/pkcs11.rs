@@ -22,10 +22,13 @@
 //!
 //! **Recovery**: any `token_lost`-class failure drops the pool and the cached key handles; the next
 //! attempt finds the slot again by token label (slot numbers change), opens and logs in a session
-//! and finds the keys again. SoftHSM never revives a token whose directory vanished within a
-//! process (measured: its `OSToken` stays invalid and the token store is scanned only in
-//! `C_Initialize`), so when the token cannot be found at all the module is reloaded, at most once
-//! per [`RELOAD_INTERVAL`].
+//! and finds the keys again. When that fails too, or the token cannot be found at all, the module
+//! is reloaded (`C_Finalize` + `C_Initialize`), at most once per [`RELOAD_INTERVAL`]: SoftHSM never
+//! revives a token whose directory vanished within a process (measured: its `OSToken` stays invalid
+//! and the token store is scanned only in `C_Initialize`). A reload whose `C_Initialize` fails (SoftHSM
+//! while its whole `directories.tokendir` is gone; a network HSM while its server is unreachable)
+//! leaves the module marked uninitialized: every later call answers `token_lost` with that cause and
+//! tries the reload again (same rate bound), so no failure leaves the backend down for good.
 //!
 //! **PIN**: read from the PIN file on each login (one trailing newline trimmed), held zeroizing, never
 //! logged. A PIN the token rejected is remembered and not presented again until the file's content
@@ -241,13 +244,14 @@ fn rc_name(rv: RvError) -> String {
     }
 }
 
+/// Debug level: the guard layer logs every failed call once, with this error's class and text.
 fn log_failure(error: &Error, rc: &str) {
-    match error {
-        Error::BadCiphertext(_) | Error::InvalidRequest(_) => {
-            tracing::debug!(backend = BACKEND, class = error.class(), rc, "{error}");
-        }
-        _ => tracing::warn!(backend = BACKEND, class = error.class(), rc, "{error}"),
-    }
+    tracing::debug!(backend = BACKEND, class = error.class(), rc, "{error}");
+}
+
+/// A client-supplied key_id for an error message: escaped and cut short.
+fn shown(key_id: &str) -> crate::logging::Client<'_> {
+    crate::logging::Client(key_id)
 }
 
 fn is_lost(err: &Error) -> bool {
@@ -295,6 +299,9 @@ struct Life {
     /// Bumped on every reload; handles from older generations are never used.
     generation: u64,
     last_reload: Option<Instant>,
+    /// Why the last `C_Initialize` failed; `None` while the module is initialized. Nothing but a
+    /// reload is attempted while it is set.
+    init_failure: Option<String>,
 }
 
 impl Module {
@@ -314,13 +321,20 @@ impl Module {
         }
         let ctx = Pkcs11::new(&path)
             .map_err(|e| Error::Config(format!("cannot load PKCS#11 module {}: {e}", path.display())))?;
-        initialize(&ctx, &path)?;
+        initialize(&ctx).map_err(|rc| {
+            Error::Config(format!(
+                "cannot initialize PKCS#11 module {}: C_Initialize returned {rc} (for SoftHSM check \
+                 SOFTHSM2_CONF and its directories.tokendir)",
+                path.display()
+            ))
+        })?;
         let module = Arc::new(Module {
             path: path.clone(),
             ctx,
             life: RwLock::new(Life {
                 generation: 0,
                 last_reload: None,
+                init_failure: None,
             }),
             init_lock: Mutex::new(()),
         });
@@ -334,43 +348,62 @@ impl Module {
 
     /// Reloads the module (`C_Finalize` + `C_Initialize`) unless someone already did since
     /// generation `seen`, or the last reload was under [`RELOAD_INTERVAL`] ago. Returns whether a
-    /// fresh generation exists now, i.e. whether another attempt is worthwhile. Blocking; the caller
-    /// must not hold the read lock.
+    /// fresh, initialized generation exists now, i.e. whether another attempt is worthwhile.
+    /// Blocking; the caller must not hold the read lock.
     fn reload(&self, seen: u64) -> bool {
         let mut life = self.life.write().unwrap_or_else(PoisonError::into_inner);
         if life.generation != seen {
-            return true;
+            return life.init_failure.is_none();
         }
         if life.last_reload.is_some_and(|t| t.elapsed() < RELOAD_INTERVAL) {
             return false;
         }
         // Every session of every backend dies here; they all hold the read lock while calling, and
         // forget (never close) handles of older generations.
-        if let Err(e) = self.ctx.clone().finalize() {
-            tracing::debug!(backend = BACKEND, "C_Finalize before reload: {e}");
+        if life.init_failure.is_none() {
+            if let Err(e) = self.ctx.clone().finalize() {
+                tracing::debug!(backend = BACKEND, "C_Finalize before reload: {e}");
+            }
         }
-        let ok = initialize(&self.ctx, &self.path).is_ok();
+        let result = initialize(&self.ctx);
         life.generation = life.generation.wrapping_add(1);
         life.last_reload = Some(Instant::now());
-        tracing::warn!(
-            backend = BACKEND,
-            module = %self.path.display(),
-            generation = life.generation,
-            ok,
-            "reloaded the PKCS#11 module (C_Finalize + C_Initialize) to find a lost token again"
-        );
-        ok
+        match result {
+            Ok(()) => {
+                let was_failing = life.init_failure.take().is_some();
+                tracing::info!(
+                    backend = BACKEND,
+                    module = %self.path.display(),
+                    generation = life.generation,
+                    "reloaded the PKCS#11 module (C_Finalize + C_Initialize){}",
+                    if was_failing { "; C_Initialize works again" } else { "" }
+                );
+                true
+            }
+            Err(rc) => {
+                // The cause an operator needs, once per attempt (at most one a RELOAD_INTERVAL).
+                tracing::warn!(
+                    backend = BACKEND,
+                    module = %self.path.display(),
+                    generation = life.generation,
+                    rc = %rc,
+                    "reloading the PKCS#11 module failed: C_Initialize returned {rc}; the token store \
+                     or HSM is unreachable (for SoftHSM: is directories.tokendir there?); retrying \
+                     on the next call, at most once every {RELOAD_INTERVAL:?}"
+                );
+                life.init_failure = Some(format!("C_Initialize returned {rc}"));
+                false
+            }
+        }
     }
 }
 
-fn initialize(ctx: &Pkcs11, path: &Path) -> Result<()> {
+/// `C_Initialize`; an already initialized module is fine. The failure is the CKR name.
+fn initialize(ctx: &Pkcs11) -> std::result::Result<(), String> {
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
-        Err(e) => Err(Error::Config(format!(
-            "cannot initialize PKCS#11 module {}: {} (for SoftHSM check SOFTHSM2_CONF and its directories.tokendir)",
-            path.display(),
-            classify("initialize", e)
-        ))),
+        Err(CkError::Pkcs11(rv, _)) => Err(rc_name(rv)),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -693,9 +726,9 @@ impl KeyService for Pkcs11Backend {
         // Everything that needs no token is checked first.
         let key_id = encrypted.key_id.clone();
         let Some((label, id)) = parse_key_id(&key_id) else {
-            let shown: String = key_id.chars().take(80).collect();
             return Err(bad_ciphertext(format!(
-                "key_id {shown:?} is not a kleidi pkcs11 key_id (pkcs11:<key label>:<hex CKA_ID>)"
+                "key_id {} is not a kleidi pkcs11 key_id (pkcs11:<key label>:<hex CKA_ID>)",
+                shown(&key_id)
             )));
         };
         let label = label.to_owned();
@@ -721,16 +754,20 @@ impl Inner {
         lock(&self.state)
     }
 
-    /// One call with recovery: after a token_lost failure (which already dropped the sessions and
-    /// handles) it tries once more; when the token could not be found at all it reloads the module
-    /// (rate limited) and tries once more after that. At most three attempts.
+    /// One call with recovery. After a token_lost failure (which already dropped the sessions and
+    /// handles) it tries once more with a fresh session; when that fails too, or the token could not
+    /// be found at all, or the module is uninitialized, it reloads the module (rate limited) and tries
+    /// once more after that. At most three attempts.
     fn run<T>(&self, attempt: impl Fn(u64) -> Result<T>) -> Result<T> {
         let mut retried = false;
         let mut reloaded = false;
         loop {
-            let (result, generation) = {
+            let (result, generation, initialized) = {
                 let life = self.module.read();
-                (attempt(life.generation), life.generation)
+                match &life.init_failure {
+                    Some(cause) => (Err(self.uninitialized(cause)), life.generation, false),
+                    None => (attempt(life.generation), life.generation, true),
+                }
             };
             let err = match result {
                 Ok(value) => return Ok(value),
@@ -738,17 +775,28 @@ impl Inner {
                 Err(err) => return Err(err),
             };
             let missing = std::mem::take(&mut self.state().missing);
-            if missing {
-                if !reloaded && self.module.reload(generation) {
-                    reloaded = true;
-                    continue;
-                }
-            } else if !retried {
+            if initialized && !missing && !retried {
                 retried = true;
-                tracing::info!(backend = BACKEND, token = %self.cfg.token_label, "retrying once after reconnecting");
+                tracing::debug!(backend = BACKEND, token = %self.cfg.token_label, "token_lost: trying once more with a fresh session");
+                continue;
+            }
+            if !reloaded && self.module.reload(generation) {
+                reloaded = true;
                 continue;
             }
             return Err(err);
+        }
+    }
+
+    /// The answer while the module's last `C_Initialize` failed.
+    fn uninitialized(&self, cause: &str) -> Error {
+        Error::Unavailable {
+            backend: BACKEND,
+            class: TOKEN_LOST,
+            detail: format!(
+                "PKCS#11 module {} is not initialized: the last reload's {cause}; retrying at most once every {RELOAD_INTERVAL:?}",
+                self.module.path.display()
+            ),
         }
     }
 
@@ -1036,8 +1084,14 @@ impl Inner {
         if let Some(handle) = self.state().keys.get(&name) {
             return Ok(*handle);
         }
+        // Only keys that can do what the ciphertext needs: a key_id naming anything else (another
+        // key type, CKA_DECRYPT false) is the caller's bad input, not a broken backend.
         let mut template = secret_key(label).to_vec();
-        template.push(Attribute::Id(id.to_vec()));
+        template.extend([
+            Attribute::Id(id.to_vec()),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Decrypt(true),
+        ]);
         let found = lease
             .session
             .find_objects(&template)
@@ -1050,12 +1104,14 @@ impl Inner {
             [] => {
                 self.confirm_token(lease.slot)?;
                 Err(bad_ciphertext(format!(
-                    "unknown key {key_id}: token {:?} has no secret key with that label and CKA_ID",
+                    "unknown key {}: token {:?} has no AES key that may decrypt with that label and CKA_ID",
+                    shown(key_id),
                     self.cfg.token_label
                 )))
             }
-            more => Err(Error::Config(format!(
-                "{} secret keys on token {:?} share the label and CKA_ID of {key_id}; keep one",
+            more => Err(bad_ciphertext(format!(
+                "key {} is ambiguous: {} AES keys on token {:?} share that label and CKA_ID",
+                shown(key_id),
                 more.len(),
                 self.cfg.token_label
             ))),
@@ -1125,7 +1181,8 @@ impl Inner {
                 // SoftHSM's answer to a failed GCM tag check (measured) — or a lost token.
                 self.confirm_token(lease.slot)?;
                 Err(bad_ciphertext(format!(
-                    "authentication failed under {key_id}: the ciphertext, its IV or its key_id was altered, or another key wrapped it"
+                    "authentication failed under {}: the ciphertext, its IV or its key_id was altered, or another key wrapped it",
+                    shown(key_id)
                 )))
             }
             Err(e) => Err(classify("decrypt", e)),

@@ -176,3 +176,45 @@ pub fn seed() -> SecretSlice<u8> {
     rand::rng().fill_bytes(&mut s);
     SecretSlice::from(s)
 }
+
+/// Runs `make` on a read-write, logged-in session of the token labelled `label`, through a
+/// cryptoki context of the test's own (SoftHSM is one library per process, so this shares the
+/// backend's initialized module). Retried a few times: another test of this process may reload
+/// the module (C_Finalize) under it.
+pub fn with_admin_session<T>(
+    label: &str,
+    make: impl Fn(&cryptoki::session::Session) -> cryptoki::error::Result<T>,
+) -> T {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::error::{Error as CkError, RvError};
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+    store();
+    let ctx = Pkcs11::new(MODULE).unwrap();
+    let mut last = None;
+    for _ in 0..5 {
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => panic!("C_Initialize: {e}"),
+        }
+        let attempt = (|| {
+            let slot = ctx
+                .get_slots_with_token()?
+                .into_iter()
+                .find(|s| ctx.get_token_info(*s).is_ok_and(|i| i.label() == label))
+                .expect("token not found");
+            let session = ctx.open_rw_session(slot)?;
+            match session.login(UserType::User, Some(&AuthPin::from(PIN.to_owned()))) {
+                Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+                Err(e) => return Err(e),
+            }
+            make(&session)
+        })();
+        match attempt {
+            Ok(value) => return value,
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("admin session on {label}: {last:?}");
+}

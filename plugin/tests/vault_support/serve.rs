@@ -24,18 +24,22 @@ impl Kleidi {
         Self::start_logging("debug", addr, key, flags)
     }
 
-    /// [`Kleidi::start`] with `KLEIDI_LOG=filter`.
+    /// [`Kleidi::start`] with `KLEIDI_LOG=filter`; an empty `filter` leaves kleidi's default.
     pub fn start_logging(filter: &str, addr: &str, key: &str, flags: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("kms.sock");
         let log = dir.path().join("kleidi.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_kleidi"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kleidi"));
+        match filter {
+            "" => command.env_remove("KLEIDI_LOG"),
+            filter => command.env("KLEIDI_LOG", filter),
+        };
+        let child = command
             .arg("serve")
             .arg("--listen")
             .arg(format!("unix://{}", socket.display()))
             .args(["--backend", "vault", "--vault-addr", addr, "--vault-key", key])
             .args(flags)
-            .env("KLEIDI_LOG", filter)
             .env_remove("VAULT_ADDR")
             .env_remove("VAULT_TOKEN")
             .stdin(Stdio::null())
