@@ -60,7 +60,9 @@ impl KleidiPlugin {
         Self::launch(bin, socket, bao.kleidi_flags(url), &[], &log, extra).await
     }
 
-    async fn launch(
+    /// Starts `kleidi serve --listen unix://SOCKET` with `backend` flags (and `extra`), `env` added and
+    /// its output in `log`; waits until it listens. For callers that place sockets themselves.
+    pub async fn launch(
         bin: &Path,
         socket: PathBuf,
         backend: Vec<String>,

@@ -79,6 +79,19 @@ impl Process {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// If the process has exited since the last look: its status (the handle then counts as stopped).
+    /// How a watcher tells a crash from a stop the harness made.
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
+    /// The process's name, as given to [`Process::spawn`].
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Graceful stop: SIGTERM, then SIGKILL after `grace`. Returns the exit code if it exited.
     pub async fn stop(&mut self, grace: Duration) -> Result<Option<i32>> {
         let Some(mut child) = self.child.take() else {

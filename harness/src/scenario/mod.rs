@@ -1,13 +1,23 @@
-//! The scenario machinery that needs no process: the recorded [`history`] of a run (operations, plugin
-//! RPCs, fault steps, Status observations, process exits, as JSON lines), the [`checker`]s that judge
-//! it with jepsen's three verdicts, and the [`verdict`] file and summary table a person reads. The
-//! workload, the fault timeline and the runner that fill a history live beside this module, and the
-//! scenarios themselves in the top-level `scenarios/` crate; nothing here starts or talks to a process.
+//! The scenario machinery. A run's [`runner`] starts a simulated control plane ([`cluster`]: etcd, a
+//! key backend, N nodes of `kleidi serve` + the apiserver's envelope, every plugin RPC recorded by
+//! [`recorder`]), drives the [`workload`] and the [`fault`] timeline (or the seeded nemesis), and
+//! records it all in the [`history`] (JSON lines); the [`checker`]s judge the history with jepsen's
+//! three verdicts, and [`verdict`] writes what a person reads. The scenarios themselves live in the
+//! top-level `scenarios/` crate, one page each.
 
 pub mod checker;
+pub mod cluster;
+pub mod fault;
 pub mod history;
+pub mod recorder;
+pub mod runner;
 pub mod verdict;
+pub mod workload;
 
 pub use checker::{Check, Checker, Report, Verdict};
+pub use cluster::{BackendKind, Timing};
+pub use fault::{Fault, Step, at, nemesis};
 pub use history::{Event, History};
+pub use runner::{RunOptions, Scenario, run, seed_from_env};
 pub use verdict::{Run, VerdictFile, summary_table};
+pub use workload::Workload;

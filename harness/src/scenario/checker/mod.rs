@@ -15,12 +15,14 @@ use serde::{Deserialize, Serialize};
 use super::history::Event;
 
 pub mod availability;
+pub mod cold;
 pub mod etcd;
 pub mod key_id;
 pub mod process;
 pub mod reads;
 
 pub use availability::{Availability, Window, outage_windows};
+pub use cold::ColdReadsDecryptOncePerSeed;
 pub use etcd::NoPlaintextInEtcd;
 pub use key_id::{EncryptKeyIdMatchesStatus, KeyIdConvergesAfterRotation};
 pub use process::{Log, NoSecretInLogs, PluginNeverExited, Secret};

@@ -1,0 +1,465 @@
+//! The simulated control plane a scenario runs on: one etcd, one key backend (a SoftHSM token, or an
+//! OpenBao server with a fault proxy per node), and `N` nodes, each a `kleidi serve` process on its
+//! own socket beside its own [`Envelope`] (the apiserver's KMS v2 role, probing on upstream's
+//! schedule, compressed by [`Timing`]). Everything is a local process on 127.0.0.1; the fault verbs
+//! live in [`super::fault`], the workload in [`super::workload`].
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use super::history::History;
+use super::recorder::Recording;
+use crate::Envelope;
+use crate::apiserver::envelope::{HEALTHY_PROBE_INTERVAL, UNHEALTHY_PROBE_INTERVAL, WRITE_STATE_TTL};
+use crate::apiserver::inputs::{Clock, SeededRandom};
+use crate::apiserver::{Authority, EtcdStore, connect_unix_lazy};
+use crate::runtime::{Etcd, FaultProxy, KleidiPlugin, OpenBao, SoftHsmToken};
+
+/// The provider name every node's EncryptionConfiguration uses.
+pub const PROVIDER: &str = "kleidi";
+/// Where the workload's objects live in etcd.
+pub const PREFIX: &str = "/registry/secrets/";
+
+/// The key services a scenario can run against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// A SoftHSM2 token through PKCS#11.
+    Pkcs11,
+    /// OpenBao transit, each node through its own fault proxy.
+    Vault,
+    /// TPM 2.0 (swtpm); not implemented yet.
+    Tpm,
+}
+
+impl BackendKind {
+    /// Every backend, in the order runs are listed.
+    pub const ALL: [BackendKind; 3] = [Self::Pkcs11, Self::Vault, Self::Tpm];
+
+    /// `pkcs11`, `vault`, `tpm`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pkcs11 => "pkcs11",
+            Self::Vault => "vault",
+            Self::Tpm => "tpm",
+        }
+    }
+
+    /// The backend named `name`.
+    pub fn parse(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|b| b.name() == name)
+            .with_context(|| format!("unknown backend {name:?} (pkcs11, vault, tpm)"))
+    }
+}
+
+/// How much faster than upstream the apiserver's clock runs: probe intervals (60 s healthy, 10 s
+/// after a failure) and the 3-minute write-state expiry are divided by `compression`; kleidi's own
+/// health TTLs with them. Plugin call timeouts are not compressed (a hung backend costs real time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// 1 = upstream's timing.
+    pub compression: u32,
+}
+
+impl Timing {
+    /// Upstream's timing.
+    pub const UPSTREAM: Timing = Timing { compression: 1 };
+
+    /// Upstream's timing divided by `factor`.
+    pub const fn compressed(factor: u32) -> Self {
+        Timing { compression: factor }
+    }
+
+    /// `d` of upstream time in real time.
+    pub fn scale(self, d: Duration) -> Duration {
+        d / self.compression.max(1)
+    }
+
+    /// Writes are refused this long (real time) after the last good probe.
+    pub fn write_ttl(self) -> Duration {
+        self.scale(WRITE_STATE_TTL)
+    }
+
+    /// kleidi's `--health-ok-ttl` / `--health-err-ttl` (30 s / 5 s upstream-scaled, at least 200 ms).
+    fn kleidi_flags(self) -> Vec<String> {
+        let ms = |d: Duration| format!("{}ms", self.scale(d).as_millis().max(200));
+        vec![
+            "--health-ok-ttl".into(),
+            ms(Duration::from_secs(30)),
+            "--health-err-ttl".into(),
+            ms(Duration::from_secs(5)),
+        ]
+    }
+}
+
+/// The apiserver's clock, `compression` times faster than real time (write-state expiry).
+struct ScaledClock {
+    start: Instant,
+    factor: u32,
+}
+
+impl Clock for ScaledClock {
+    fn now(&self) -> Instant {
+        self.start + self.start.elapsed() * self.factor.max(1)
+    }
+}
+
+/// The key backend and its fault state.
+pub enum Backend {
+    /// A SoftHSM token shared by every node's plugin.
+    Pkcs11 {
+        /// The token.
+        token: SoftHsmToken,
+        /// The current key label (rotation adds one and restarts the plugins with it).
+        key_label: String,
+        /// Where a lost directory was moved: (original, away).
+        lost: Vec<(PathBuf, PathBuf)>,
+        /// The PIN file's good content while a wrong one is in place.
+        saved_pin: Option<Vec<u8>>,
+    },
+    /// One OpenBao server; node `i` reaches it through `proxies[i]`.
+    Vault {
+        /// The server.
+        bao: Box<OpenBao>,
+        /// One fault proxy per node.
+        proxies: Vec<FaultProxy>,
+        /// Whether the server is paused (SIGSTOP).
+        paused: bool,
+        /// Whether it was stopped or killed and not started again.
+        down: bool,
+        /// Whether it was sealed and not unsealed.
+        sealed: bool,
+        /// Whether kleidi's token was revoked and not replaced.
+        revoked: bool,
+    },
+}
+
+impl Backend {
+    /// The backend's kind.
+    pub fn kind(&self) -> BackendKind {
+        match self {
+            Self::Pkcs11 { .. } => BackendKind::Pkcs11,
+            Self::Vault { .. } => BackendKind::Vault,
+        }
+    }
+}
+
+/// One control-plane node: the plugin process and the apiserver's envelope.
+pub struct Node {
+    /// 0-based.
+    pub index: usize,
+    /// `kleidi serve`; `None` never (a stopped plugin keeps its handle).
+    pub plugin: KleidiPlugin,
+    /// Whether the plugin is paused.
+    pub paused: bool,
+    /// Whether the harness stopped or killed the plugin (a watcher tells these from crashes).
+    pub down: bool,
+    /// How many envelopes this node has had (cold restarts), for fresh randomness each time.
+    pub generation: u64,
+    prober: tokio::task::JoinHandle<()>,
+    dir: PathBuf,
+}
+
+impl Node {
+    /// The plugin's socket.
+    pub fn socket(&self) -> &Path {
+        &self.plugin.socket
+    }
+
+    /// The plugin's log.
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("kleidi.log")
+    }
+}
+
+/// What a cluster needs to start.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    /// Control-plane nodes.
+    pub nodes: usize,
+    /// The key backend.
+    pub backend: BackendKind,
+    /// Apiserver timing.
+    pub timing: Timing,
+    /// Extra `kleidi serve` flags.
+    pub kleidi_flags: Vec<String>,
+    /// The run's seed (envelope randomness is derived from it).
+    pub seed: u64,
+    /// Where process logs and sockets go.
+    pub dir: PathBuf,
+}
+
+/// The envelopes the workload uses; replaced one by one on a cold apiserver restart.
+pub type Apiservers = Arc<RwLock<Vec<Arc<Envelope>>>>;
+
+/// A running simulated control plane. Everything stops on drop.
+pub struct Cluster {
+    /// The run's history.
+    pub history: History,
+    /// etcd.
+    pub etcd: Etcd,
+    /// A raw etcd client.
+    pub store: EtcdStore,
+    /// The key backend.
+    pub backend: Backend,
+    /// The nodes.
+    pub nodes: Vec<Node>,
+    /// What the workload talks to.
+    pub apiservers: Apiservers,
+    /// Whether etcd is stopped.
+    pub etcd_down: bool,
+    spec: ClusterSpec,
+    kleidi: PathBuf,
+    clock: Arc<ScaledClock>,
+    /// Sockets live apart from the run directory: a Unix socket path must fit in 108 bytes.
+    sockets: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts etcd, the backend and every node (plugin + envelope with its first probe done).
+    pub async fn start(spec: ClusterSpec, kleidi: PathBuf, history: History) -> Result<Self> {
+        std::fs::create_dir_all(&spec.dir)?;
+        let etcd = Etcd::start().await?;
+        let store = etcd.client().await?;
+        let backend = match spec.backend {
+            BackendKind::Pkcs11 => {
+                let label = format!("kt-{:x}", spec.seed & 0xffff_ffff);
+                Backend::Pkcs11 {
+                    token: SoftHsmToken::create(&kleidi, &label, "kek-1")?,
+                    key_label: "kek-1".into(),
+                    lost: Vec::new(),
+                    saved_pin: None,
+                }
+            }
+            BackendKind::Vault => {
+                let bao = OpenBao::start().await?;
+                let mut proxies = Vec::new();
+                for _ in 0..spec.nodes {
+                    proxies.push(FaultProxy::start(bao.listen_addr()).await?);
+                }
+                Backend::Vault {
+                    bao: Box::new(bao),
+                    proxies,
+                    paused: false,
+                    down: false,
+                    sealed: false,
+                    revoked: false,
+                }
+            }
+            BackendKind::Tpm => {
+                bail!("the tpm backend is not implemented yet (issue 10): no TPM scenario can run")
+            }
+        };
+        let clock = Arc::new(ScaledClock {
+            start: Instant::now(),
+            factor: spec.timing.compression,
+        });
+        let mut cluster = Cluster {
+            history,
+            etcd,
+            store,
+            backend,
+            nodes: Vec::new(),
+            apiservers: Arc::new(RwLock::new(Vec::new())),
+            etcd_down: false,
+            spec,
+            kleidi,
+            clock,
+            sockets: tempfile::Builder::new().prefix("kleidi-run-").tempdir()?,
+        };
+        for index in 0..cluster.spec.nodes {
+            let plugin = cluster.launch_plugin(index).await?;
+            let dir = cluster.spec.dir.join(format!("node-{index}"));
+            let envelope = cluster.new_envelope(index, &plugin.socket, 0)?;
+            let prober = cluster.start_prober(envelope.clone()).await;
+            cluster.apiservers_mut().push(envelope);
+            cluster.nodes.push(Node {
+                index,
+                plugin,
+                paused: false,
+                down: false,
+                generation: 0,
+                prober,
+                dir,
+            });
+        }
+        Ok(cluster)
+    }
+
+    /// The spec it was started with.
+    pub fn spec(&self) -> &ClusterSpec {
+        &self.spec
+    }
+
+    /// The apiserver timing.
+    pub fn timing(&self) -> Timing {
+        self.spec.timing
+    }
+
+    /// Node `index`'s envelope now.
+    pub fn envelope(&self, index: usize) -> Option<Arc<Envelope>> {
+        self.apiservers.read().ok()?.get(index).cloned()
+    }
+
+    fn apiservers_mut(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Arc<Envelope>>> {
+        self.apiservers
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts node `index`'s plugin with the backend's current flags.
+    pub(crate) async fn launch_plugin(&self, index: usize) -> Result<KleidiPlugin> {
+        let dir = self.spec.dir.join(format!("node-{index}"));
+        std::fs::create_dir_all(&dir)?;
+        let socket = self.sockets.path().join(format!("node-{index}.sock"));
+        let log = dir.join("kleidi.log");
+        let (mut args, env) = match &self.backend {
+            Backend::Pkcs11 { token, key_label, .. } => {
+                let mut args = vec!["--backend".to_string(), "pkcs11".into()];
+                args.extend(token.flags(key_label));
+                (
+                    args,
+                    vec![("SOFTHSM2_CONF".to_string(), token.conf().display().to_string())],
+                )
+            }
+            Backend::Vault { bao, proxies, .. } => {
+                let url = proxies
+                    .get(index)
+                    .map(FaultProxy::url)
+                    .context("no proxy for this node")?;
+                (bao.kleidi_flags(&url), Vec::new())
+            }
+        };
+        args.extend(self.spec.timing.kleidi_flags());
+        let extra: Vec<&str> = self.spec.kleidi_flags.iter().map(String::as_str).collect();
+        KleidiPlugin::launch(
+            &self.kleidi,
+            socket,
+            std::mem::take(&mut args),
+            &env,
+            &log,
+            &extra,
+        )
+        .await
+    }
+
+    /// A fresh envelope for node `index` (an apiserver process with an empty cache), recording its
+    /// RPCs; its randomness is derived from the seed, the node and the generation.
+    fn new_envelope(&self, index: usize, socket: &Path, generation: u64) -> Result<Arc<Envelope>> {
+        let kms = connect_unix_lazy(socket, Authority::Localhost)?;
+        let recording = Recording::new(Arc::new(kms), self.history.clone(), index);
+        let stream = self
+            .spec
+            .seed
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .wrapping_add((index as u64) << 32)
+            .wrapping_add(generation);
+        let envelope = Envelope::new(PROVIDER, Arc::new(recording))?
+            .with_clock(self.clock.clone())
+            .with_randomness(SeededRandom::new(stream));
+        Ok(Arc::new(envelope))
+    }
+
+    /// The apiserver's startup probe inline, then its background loop on the compressed schedule.
+    async fn start_prober(&self, envelope: Arc<Envelope>) -> tokio::task::JoinHandle<()> {
+        let _ = envelope.refresh().await;
+        let timing = self.spec.timing;
+        tokio::spawn(async move {
+            // Bounded by the cluster's life: the handle is aborted on restart and on drop.
+            loop {
+                let interval = if envelope.healthy() {
+                    timing.scale(HEALTHY_PROBE_INTERVAL)
+                } else {
+                    timing.scale(UNHEALTHY_PROBE_INTERVAL)
+                };
+                tokio::time::sleep(interval).await;
+                let _ = envelope.refresh().await;
+            }
+        })
+    }
+
+    /// Replaces node `index`'s apiserver with a cold one (new process: empty cache, no write state
+    /// until its first probe), as a restart of kube-apiserver does.
+    pub async fn restart_apiserver(&mut self, index: usize) -> Result<()> {
+        let node = self.nodes.get_mut(index).context("no such node")?;
+        node.prober.abort();
+        node.generation += 1;
+        let (socket, generation) = (node.plugin.socket.clone(), node.generation);
+        let envelope = self.new_envelope(index, &socket, generation)?;
+        let prober = self.start_prober(envelope.clone()).await;
+        if let Some(slot) = self.apiservers_mut().get_mut(index) {
+            *slot = envelope;
+        }
+        if let Some(node) = self.nodes.get_mut(index) {
+            node.prober = prober;
+        }
+        Ok(())
+    }
+
+    /// A new apiserver for node `index` beside the running one, after its inline first probe: what a
+    /// restarted kube-apiserver reads with (empty cache: one Decrypt per distinct seed).
+    pub async fn cold_envelope(&self, index: usize) -> Result<Arc<Envelope>> {
+        let node = self.nodes.get(index).context("no such node")?;
+        // Its own randomness stream, apart from every generation the node has had.
+        let envelope =
+            self.new_envelope(index, &node.plugin.socket, u64::from(u32::MAX) + node.generation)?;
+        let _ = envelope.refresh().await;
+        Ok(envelope)
+    }
+
+    /// Probes every node until each has a write state and a good probe, or `limit` passes. Returns
+    /// the nodes that never got there.
+    pub async fn wait_healthy(&self, limit: Duration) -> Vec<usize> {
+        let started = Instant::now();
+        loop {
+            let mut unhealthy = Vec::new();
+            for index in 0..self.nodes.len() {
+                let Some(envelope) = self.envelope(index) else {
+                    continue;
+                };
+                if !envelope.healthy() || envelope.key_id().is_none() {
+                    let _ = envelope.refresh().await;
+                }
+                if !envelope.healthy() || envelope.key_id().is_none() {
+                    unhealthy.push(index);
+                }
+            }
+            if unhealthy.is_empty() || started.elapsed() > limit {
+                return unhealthy;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Every process log of the run: (name, path).
+    pub fn logs(&self) -> Vec<(String, PathBuf)> {
+        let mut logs: Vec<(String, PathBuf)> = self
+            .nodes
+            .iter()
+            .map(|n| (format!("kleidi-{}", n.index), n.log()))
+            .collect();
+        logs.push(("etcd".into(), self.etcd.process.log_path().to_path_buf()));
+        if let Backend::Vault { bao, .. } = &self.backend {
+            logs.push(("openbao".into(), bao.dir().join("openbao.log")));
+        }
+        logs
+    }
+
+    /// The kleidi binary the nodes run.
+    pub fn kleidi_bin(&self) -> &Path {
+        &self.kleidi
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            node.prober.abort();
+        }
+        // A paused OpenBao or plugin is continued by its Process's own drop before the kill.
+    }
+}

@@ -1,0 +1,23 @@
+//! Every apiserver of three restarted cold five times under load, so etcd holds many distinct seeds;
+//! then cold reads of everything: one Decrypt per distinct seed, never one per object.
+
+use std::time::Duration;
+
+use kleidi_harness::scenario::{Fault, Scenario, at};
+
+/// The scenario.
+pub fn scenario() -> Scenario {
+    Scenario {
+        nodes: 3,
+        timeline: [2.0, 4.0, 6.0, 8.0, 10.0]
+            .into_iter()
+            .map(|t| at(t, Fault::RestartAllApiservers))
+            .collect(),
+        length: Duration::from_secs(14),
+        count_cold_decrypts: true,
+        ..Scenario::new(
+            "apiservers_restarted_cold",
+            "3 apiservers restarted cold 5 times (timing ÷10)",
+        )
+    }
+}

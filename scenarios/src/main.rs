@@ -1,0 +1,147 @@
+//! `kleidi-scenarios`: list the scenarios, run one, run all, or run the randomized nemesis; prints a
+//! summary table and exits non-zero when any run is invalid. Seeds come from `SCENARIO_SEED` (one
+//! seed for every run of the invocation) or are drawn and printed.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use kleidi_harness::scenario::{
+    BackendKind, RunOptions, Scenario, Verdict, VerdictFile, run, seed_from_env, summary_table,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "kleidi-scenarios",
+    about = "kleidi's chaos scenarios against real etcd, OpenBao and SoftHSM"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Every scenario with its backends and what it proves.
+    List,
+    /// One scenario, on every backend it applies to (or those given).
+    Run {
+        /// The scenario's name (`list` shows them).
+        name: String,
+        /// Only these backends (pkcs11, vault).
+        #[arg(long)]
+        backend: Vec<String>,
+    },
+    /// Every scenario on every backend it applies to.
+    All {
+        /// Only scenarios whose workload runs at most this long (e.g. `30s`).
+        #[arg(long, value_parser = humantime_secs)]
+        max_length: Option<Duration>,
+    },
+    /// The randomized nemesis.
+    Random {
+        /// How long the faults go on.
+        #[arg(long, default_value = "300s", value_parser = humantime_secs)]
+        length: Duration,
+        /// Only these backends.
+        #[arg(long)]
+        backend: Vec<String>,
+    },
+}
+
+fn humantime_secs(s: &str) -> Result<Duration, String> {
+    let secs = s.strip_suffix('s').unwrap_or(s);
+    secs.parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|_| format!("{s:?}: expected seconds, e.g. 300s"))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match cli(Cli::parse()).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("kleidi-scenarios: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Whether every run was valid.
+async fn cli(cli: Cli) -> Result<bool> {
+    let runs: Vec<(Scenario, Vec<BackendKind>)> = match cli.command {
+        Command::List => {
+            for s in kleidi_scenarios::all() {
+                let backends: Vec<&str> = s.backends.iter().map(|b| b.name()).collect();
+                println!(
+                    "{:<36} {:>4}s  {:<14} {}",
+                    s.name,
+                    s.length.as_secs(),
+                    backends.join(","),
+                    s.about
+                );
+            }
+            println!(
+                "{:<36} {:>4}s  {:<14} {}",
+                "random", 300, "pkcs11,vault", "kleidi-scenarios random"
+            );
+            return Ok(true);
+        }
+        Command::Run { name, backend } => {
+            let s = kleidi_scenarios::named(&name)
+                .with_context(|| format!("no scenario {name:?}; see `list`"))?;
+            let backends = pick(&s, &backend)?;
+            vec![(s, backends)]
+        }
+        Command::All { max_length } => kleidi_scenarios::all()
+            .into_iter()
+            .filter(|s| max_length.is_none_or(|max| s.length <= max))
+            .map(|s| {
+                let backends = s.backends.clone();
+                (s, backends)
+            })
+            .collect(),
+        Command::Random { length, backend } => {
+            let seed = seed_from_env()?;
+            let template = kleidi_scenarios::random::scenario(BackendKind::Vault, seed, length);
+            let backends = pick(&template, &backend)?;
+            let mut verdicts = Vec::new();
+            let opts = RunOptions::from_env()?;
+            for b in backends {
+                let s = kleidi_scenarios::random::scenario(b, seed, length);
+                verdicts.push(run(&s, b, seed, &opts).await?);
+            }
+            return Ok(report(&verdicts));
+        }
+    };
+    let seed = seed_from_env()?;
+    let opts = RunOptions::from_env()?;
+    let mut verdicts = Vec::new();
+    for (s, backends) in &runs {
+        for b in backends {
+            verdicts.push(run(s, *b, seed, &opts).await?);
+        }
+    }
+    Ok(report(&verdicts))
+}
+
+fn pick(s: &Scenario, names: &[String]) -> Result<Vec<BackendKind>> {
+    if names.is_empty() {
+        return Ok(s.backends.clone());
+    }
+    names
+        .iter()
+        .map(|n| {
+            let b = BackendKind::parse(n)?;
+            anyhow::ensure!(s.backends.contains(&b), "{} does not apply to {n}", s.name);
+            Ok(b)
+        })
+        .collect()
+}
+
+fn report(verdicts: &[VerdictFile]) -> bool {
+    println!("{}", summary_table(verdicts));
+    verdicts.iter().all(|v| v.verdict == Verdict::Valid)
+}

@@ -1,0 +1,209 @@
+//! Every scripted scenario on every backend it applies to, each a test: the run's verdict must be
+//! valid (the problems are printed when not). One run at a time: they share two cores, and their
+//! timing is part of what they check. Scenarios longer than [`kleidi_scenarios::FAST`] are ignored by
+//! `cargo test` and run by `just e2e` (`--include-ignored`), with the randomized nemesis.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests
+
+use std::time::Duration;
+
+use kleidi_harness::scenario::{BackendKind, RunOptions, Scenario, Verdict, run, seed_from_env};
+use rstest::rstest;
+
+/// Serializes runs across the test threads of this binary.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn check(scenario: Scenario, backend: BackendKind) {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    if backend == BackendKind::Tpm {
+        // Left in place until the TPM backend and its swtpm runtime land (issue 10); this fails
+        // the day the cluster can start one, so the case is switched on then.
+        let opts = RunOptions::from_env().unwrap();
+        let err = run(&scenario, backend, 1, &opts)
+            .await
+            .err()
+            .expect("a TPM cluster started");
+        assert!(err.to_string().contains("not implemented yet"), "{err:#}");
+        eprintln!("SKIPPED {} on tpm: {err}", scenario.name);
+        return;
+    }
+    assert!(
+        scenario.backends.contains(&backend),
+        "{} does not apply to {backend:?}",
+        scenario.name
+    );
+    let seed = seed_from_env().unwrap();
+    let verdict = run(&scenario, backend, seed, &RunOptions::from_env().unwrap())
+        .await
+        .unwrap();
+    let problems: Vec<String> = verdict
+        .checkers
+        .iter()
+        .filter(|c| c.verdict != Verdict::Valid)
+        .map(|c| format!("{} {:?}: {:?} {:?}", c.name, c.verdict, c.violations, c.unknowns))
+        .collect();
+    assert_eq!(
+        verdict.verdict,
+        Verdict::Valid,
+        "{} on {backend:?}, seed {seed} (replay: SCENARIO_SEED={seed}):\n{}",
+        verdict.scenario,
+        problems.join("\n")
+    );
+}
+
+#[rstest]
+#[case::pkcs11(BackendKind::Pkcs11)]
+#[case::vault(BackendKind::Vault)]
+#[case::tpm(BackendKind::Tpm)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_under_load(#[case] backend: BackendKind) {
+    check(kleidi_scenarios::rotation_under_load::scenario(), backend).await;
+}
+
+#[rstest]
+#[case::pkcs11(BackendKind::Pkcs11)]
+#[case::vault(BackendKind::Vault)]
+#[case::tpm(BackendKind::Tpm)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_killed_under_load(#[case] backend: BackendKind) {
+    check(kleidi_scenarios::plugin_killed_under_load::scenario(), backend).await;
+}
+
+#[rstest]
+#[case::pkcs11(BackendKind::Pkcs11)]
+#[case::vault(BackendKind::Vault)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apiservers_restarted_cold(#[case] backend: BackendKind) {
+    check(kleidi_scenarios::apiservers_restarted_cold::scenario(), backend).await;
+}
+
+#[rstest]
+#[case::pkcs11(BackendKind::Pkcs11)]
+#[case::vault(BackendKind::Vault)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_restarted(#[case] backend: BackendKind) {
+    check(kleidi_scenarios::etcd_restarted::scenario(), backend).await;
+}
+
+#[rstest]
+#[case::pkcs11(BackendKind::Pkcs11)]
+#[case::vault(BackendKind::Vault)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_one_plugin_killed(#[case] backend: BackendKind) {
+    check(
+        kleidi_scenarios::three_nodes_one_plugin_killed::scenario(),
+        backend,
+    )
+    .await;
+}
+
+#[rstest]
+#[case::pkcs11(BackendKind::Pkcs11)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hsm_token_lost_and_restored(#[case] backend: BackendKind) {
+    check(kleidi_scenarios::hsm_token_lost_and_restored::scenario(), backend).await;
+}
+
+#[rstest]
+#[case::vault(BackendKind::Vault)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openbao_sealed_then_unsealed(#[case] backend: BackendKind) {
+    check(
+        kleidi_scenarios::openbao_sealed_then_unsealed::scenario(),
+        backend,
+    )
+    .await;
+}
+
+#[rstest]
+#[case::vault(BackendKind::Vault)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_revoked_then_replaced(#[case] backend: BackendKind) {
+    check(kleidi_scenarios::token_revoked_then_replaced::scenario(), backend).await;
+}
+
+#[rstest]
+#[case::vault(BackendKind::Vault)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_token_ttl(#[case] backend: BackendKind) {
+    check(kleidi_scenarios::short_token_ttl::scenario(), backend).await;
+}
+
+#[rstest]
+#[case::vault(BackendKind::Vault)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openbao_blackholed(#[case] backend: BackendKind) {
+    check(kleidi_scenarios::openbao_blackholed::scenario(), backend).await;
+}
+
+#[rstest]
+#[case::vault(BackendKind::Vault)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_latency_near_call_timeout(#[case] backend: BackendKind) {
+    check(
+        kleidi_scenarios::backend_latency_near_call_timeout::scenario(),
+        backend,
+    )
+    .await;
+}
+
+#[rstest]
+#[case::vault(BackendKind::Vault)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kek_deleted(#[case] backend: BackendKind) {
+    check(kleidi_scenarios::kek_deleted::scenario(), backend).await;
+}
+
+#[rstest]
+#[case::vault(BackendKind::Vault)]
+#[ignore = "e2e: 40 s of workload (just e2e)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openbao_hung_30s(#[case] backend: BackendKind) {
+    check(kleidi_scenarios::openbao_hung_30s::scenario(), backend).await;
+}
+
+#[rstest]
+#[case::vault(BackendKind::Vault)]
+#[ignore = "e2e: 70 s of workload (just e2e)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openbao_stopped_60s(#[case] backend: BackendKind) {
+    check(kleidi_scenarios::openbao_stopped_60s::scenario(), backend).await;
+}
+
+#[rstest]
+#[case::pkcs11(BackendKind::Pkcs11)]
+#[case::vault(BackendKind::Vault)]
+#[ignore = "e2e: 5 minutes of randomized faults (just e2e)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_nemesis_for_five_minutes(#[case] backend: BackendKind) {
+    let seed = seed_from_env().unwrap();
+    check(
+        kleidi_scenarios::random::scenario(backend, seed, Duration::from_secs(300)),
+        backend,
+    )
+    .await;
+}
+
+#[test]
+fn every_scenario_is_tested_here_and_the_fast_ones_fit_in_a_minute() {
+    let source = include_str!("scenarios.rs");
+    for s in kleidi_scenarios::all() {
+        assert!(
+            source.contains(&format!("async fn {}(", s.name)),
+            "{} has no test",
+            s.name
+        );
+        let ignored = source.contains(&format!(
+            "just e2e)\"]\n#[tokio::test(flavor = \"multi_thread\", worker_threads = 2)]\nasync fn {}(",
+            s.name
+        ));
+        assert_eq!(
+            ignored,
+            s.length > kleidi_scenarios::FAST,
+            "{}: ignored in `just test` iff slow",
+            s.name
+        );
+        assert!(!s.timeline.is_empty(), "{} has no faults", s.name);
+    }
+    assert!(kleidi_scenarios::all().len() >= 12);
+}
