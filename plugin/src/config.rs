@@ -30,6 +30,21 @@ pub enum Command {
     /// PKCS#11 token administration.
     #[command(subcommand)]
     Pkcs11(Pkcs11Command),
+    /// TPM 2.0 key administration.
+    #[command(subcommand)]
+    Tpm(TpmCommand),
+}
+
+/// `kleidi tpm …`
+#[derive(Debug, Subcommand)]
+pub enum TpmCommand {
+    /// Create a new key-encryption key in the TPM and make it current. Run again to rotate: older
+    /// keys stay in the state directory and keep decrypting.
+    Init {
+        /// TPM and state directory.
+        #[command(flatten)]
+        tpm: TpmArgs,
+    },
 }
 
 /// `kleidi pkcs11 …`
@@ -99,6 +114,9 @@ pub struct ServeArgs {
     /// Vault / OpenBao transit settings (with --backend vault).
     #[command(flatten)]
     pub vault: VaultArgs,
+    /// TPM 2.0 settings (with --backend tpm).
+    #[command(flatten)]
+    pub tpm: TpmArgs,
 }
 
 impl ServeArgs {
@@ -133,6 +151,21 @@ pub struct Pkcs11Args {
     /// Label of the current AES-256 key-encryption key. Rotate by naming a new key; old keys still decrypt.
     #[arg(long, env = "KLEIDI_PKCS11_KEY_LABEL", default_value = "kleidi-kek")]
     pub pkcs11_key_label: String,
+}
+
+/// TPM flags, shared by `serve` and `tpm init`.
+#[derive(Debug, Args, Clone)]
+pub struct TpmArgs {
+    /// TCTI of the TPM: device:/dev/tpmrm0 on hardware, swtpm:host=127.0.0.1,port=2321 for swtpm.
+    // Required with --backend tpm and by `tpm init`; checked when the backend is built.
+    #[arg(long, env = "KLEIDI_TPM_TCTI")]
+    pub tpm_tcti: Option<String>,
+    /// Directory of the TPM-wrapped key blobs (useless without this TPM) and the current key's id.
+    #[arg(long, env = "KLEIDI_TPM_STATE_DIR", default_value = "/var/lib/kleidi/tpm")]
+    pub tpm_state_dir: PathBuf,
+    /// File holding the owner hierarchy's auth value, if one is set (default: empty, as TPMs ship).
+    #[arg(long, env = "KLEIDI_TPM_OWNER_AUTH_FILE")]
+    pub tpm_owner_auth_file: Option<PathBuf>,
 }
 
 /// How kleidi logs in to Vault / OpenBao.

@@ -15,9 +15,9 @@ use tracing_subscriber::fmt::MakeWriter;
 use crate::config::LogFormat;
 
 /// What `kleidi serve` logs when `KLEIDI_LOG` is unset: kleidi's own events at info (no line per
-/// successful call), nothing from vaultrs and rustify, whose multi-line ERROR lines repeat what
+/// successful call), nothing from vaultrs, rustify and tss_esapi, whose ERROR lines repeat what
 /// kleidi reports once per call with its class.
-pub const DEFAULT_FILTER: &str = "info,vaultrs=off,rustify=off";
+pub const DEFAULT_FILTER: &str = "info,vaultrs=off,rustify=off,tss_esapi=off";
 
 /// Longest client-supplied field logged, in characters (before escaping).
 pub const MAX_CLIENT_FIELD: usize = 128;

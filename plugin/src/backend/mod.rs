@@ -4,12 +4,14 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::config::{BackendKind, Pkcs11Args, ServeArgs, VaultArgs};
+use crate::config::{BackendKind, Pkcs11Args, ServeArgs, TpmArgs, VaultArgs};
 use crate::service::KeyService;
 use crate::{Error, Result};
 
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
+#[cfg(feature = "tpm")]
+pub mod tpm;
 #[cfg(feature = "vault")]
 pub mod vault;
 
@@ -22,10 +24,7 @@ pub async fn build(args: &ServeArgs) -> Result<Arc<dyn KeyService>> {
     match args.backend {
         BackendKind::Pkcs11 => build_pkcs11(&args.pkcs11).await,
         BackendKind::Vault => build_vault(&args.vault, args.call_timeout).await,
-        BackendKind::Tpm => Err(Error::NotImplemented(
-            "the tpm backend (TPM 2.0 sealing via tss-esapi) is not implemented yet; use --backend pkcs11"
-                .into(),
-        )),
+        BackendKind::Tpm => build_tpm(&args.tpm).await,
     }
 }
 
@@ -88,5 +87,47 @@ async fn build_vault(args: &VaultArgs, call_timeout: std::time::Duration) -> Res
 async fn build_vault(_: &VaultArgs, _: std::time::Duration) -> Result<Arc<dyn KeyService>> {
     Err(Error::NotImplemented(
         "this build has no vault backend (cargo feature `vault`)".into(),
+    ))
+}
+
+#[cfg(feature = "tpm")]
+fn tpm_config(args: &TpmArgs) -> Result<tpm::TpmConfig> {
+    let tcti = args.tpm_tcti.clone().ok_or_else(|| {
+        Error::Config("--tpm-tcti is required (device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321)".into())
+    })?;
+    Ok(tpm::TpmConfig {
+        tcti,
+        state_dir: args.tpm_state_dir.clone(),
+        owner_auth_file: args.tpm_owner_auth_file.clone(),
+    })
+}
+
+#[cfg(feature = "tpm")]
+async fn build_tpm(args: &TpmArgs) -> Result<Arc<dyn KeyService>> {
+    Ok(Arc::new(tpm::TpmBackend::connect(tpm_config(args)?).await?))
+}
+
+/// `kleidi tpm init`: a new current key; prints its key_id on stdout.
+#[cfg(feature = "tpm")]
+pub async fn tpm_init(args: &TpmArgs) -> Result<()> {
+    let cfg = tpm_config(args)?;
+    let key_id = tpm::init(&cfg).await?;
+    tracing::info!(state_dir = %cfg.state_dir.display(), %key_id, "tpm init: new current key");
+    println!("{key_id}");
+    Ok(())
+}
+
+#[cfg(not(feature = "tpm"))]
+async fn build_tpm(_: &TpmArgs) -> Result<Arc<dyn KeyService>> {
+    Err(Error::NotImplemented(
+        "this build has no tpm backend (cargo feature `tpm`)".into(),
+    ))
+}
+
+/// `kleidi tpm init`.
+#[cfg(not(feature = "tpm"))]
+pub async fn tpm_init(_: &TpmArgs) -> Result<()> {
+    Err(Error::NotImplemented(
+        "this build has no tpm backend (cargo feature `tpm`)".into(),
     ))
 }
