@@ -335,7 +335,7 @@ async fn sixteen_concurrent_callers_all_round_trip() {
         task.await.unwrap();
     }
     let ops = 16.0 * 8.0 * 2.0 / started.elapsed().as_secs_f64();
-    println!("16 callers: {ops:.0} ops/s (encrypt or decrypt), debug build");
+    println!("16 callers: {ops:.0} ops/s (encrypt or decrypt)");
 }
 
 /// Sets the owner hierarchy's auth on the swtpm, as an administrator taking ownership would.
