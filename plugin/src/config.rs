@@ -125,7 +125,10 @@ impl ServeArgs {
         HealthTtl {
             ok: self.health_ok_ttl,
             err: self.health_err_ttl,
-            probe_timeout: self.call_timeout,
+            // Each of the probe's three calls has its own call timeout; the probe as a whole may
+            // take all three (Status answers from the earlier verdict meanwhile).
+            probe_timeout: self.call_timeout * 3,
+            answer_within: HealthTtl::default().answer_within,
         }
     }
 }

@@ -9,11 +9,16 @@
 //! the next Status probe at once instead of trusting the cache; while the cache already says
 //! unhealthy, further failures change nothing (`err_ttl` paces the probes, so a hung backend costs one
 //! probe per `err_ttl`, not one per Status). A successful Encrypt, or a Decrypt under the current
-//! key, is as good as a probe: Status says ok again with the first call that works. Only one probe
-//! runs at a time; Status calls during it answer from the previous result.
+//! key, is as good as a probe: Status says ok again with the first call that works.
+//!
+//! Only one probe runs at a time, as a task of its own. The Status call that starts it waits for it
+//! at most `answer_within` (below the apiserver's 3 s deadline) when an earlier verdict exists;
+//! Status calls arriving during it answer from the earlier verdict at once. So a probe may take as
+//! long as its three backend calls need (`probe_timeout`, 3 × `--call-timeout`): a slow backend
+//! whose every call succeeds is healthy, and a hung one never makes Status slow.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -30,9 +35,11 @@ pub struct HealthTtl {
     pub ok: Duration,
     /// After a failed probe (default 5 s: below the apiserver's 10 s retry).
     pub err: Duration,
-    /// Bound on a whole probe (three backend calls), so Status answers within the apiserver's 3 s
-    /// even when each call alone stays under its own bound.
+    /// Bound on a whole probe (three backend calls, each bounded by the call timeout on its own).
     pub probe_timeout: Duration,
+    /// How long the Status call that starts a probe waits for it before answering from the earlier
+    /// verdict (default 2 s: inside the apiserver's 3 s Status deadline).
+    pub answer_within: Duration,
 }
 
 impl Default for HealthTtl {
@@ -40,7 +47,8 @@ impl Default for HealthTtl {
         Self {
             ok: Duration::from_secs(30),
             err: Duration::from_secs(5),
-            probe_timeout: Duration::from_secs(2),
+            probe_timeout: Duration::from_secs(6),
+            answer_within: Duration::from_secs(2),
         }
     }
 }
@@ -65,11 +73,16 @@ struct Verdict {
 
 /// A [`KeyService`] that also answers Status from a cached round-trip probe.
 pub struct Healthy<S> {
+    shared: Arc<Shared<S>>,
+}
+
+/// What the probe task shares with the calls.
+struct Shared<S> {
     inner: S,
     ttl: HealthTtl,
     last: Mutex<Option<Verdict>>,
     /// Held by the one probe in flight.
-    probing: tokio::sync::Mutex<()>,
+    probing: Arc<tokio::sync::Mutex<()>>,
     /// The key_id of the latest successful encrypt or probe, so Status follows a rotation that a real
     /// Encrypt saw first.
     key_id: Mutex<String>,
@@ -81,34 +94,60 @@ impl<S: KeyService> Healthy<S> {
     /// Wraps `inner`; nothing is probed until the first Status.
     pub fn new(inner: S, ttl: HealthTtl) -> Self {
         Self {
-            inner,
-            ttl,
-            last: Mutex::new(None),
-            probing: tokio::sync::Mutex::new(()),
-            key_id: Mutex::new(String::new()),
-            suspect: AtomicBool::new(false),
+            shared: Arc::new(Shared {
+                inner,
+                ttl,
+                last: Mutex::new(None),
+                probing: Arc::new(tokio::sync::Mutex::new(())),
+                key_id: Mutex::new(String::new()),
+                suspect: AtomicBool::new(false),
+            }),
         }
     }
 
-    /// The cached health, probing the backend first if the cache is stale and no probe is running.
+    /// The cached health; when it is stale, starts a probe (unless one runs) and answers from it, or
+    /// from the earlier verdict if the probe takes longer than `answer_within`.
     pub async fn health(&self) -> Health {
-        if let Some(health) = self.cached(true) {
+        let shared = &self.shared;
+        if let Some(health) = shared.cached(true) {
             return health;
         }
-        let _probe = match self.probing.try_lock() {
-            Ok(guard) => guard,
-            Err(_) => {
-                // A probe is running: answer from the last verdict, if there ever was one.
-                if let Some(health) = self.cached(false) {
-                    return health;
-                }
-                let guard = self.probing.lock().await;
-                if let Some(health) = self.cached(true) {
-                    return health;
-                }
-                guard
+        let started_here = match Arc::clone(&shared.probing).try_lock_owned() {
+            Ok(guard) => {
+                let probe = Arc::clone(shared);
+                tokio::spawn(async move {
+                    let _guard = guard;
+                    probe.run_probe().await;
+                });
+                true
             }
+            Err(_) => false,
         };
+        match shared.cached(false) {
+            Some(earlier) if !started_here => earlier,
+            Some(earlier) => {
+                let _ = tokio::time::timeout(shared.ttl.answer_within, shared.probing.lock()).await;
+                shared.cached(false).unwrap_or(earlier)
+            }
+            None => {
+                // The very first verdict: wait for it (the probe is bounded by probe_timeout).
+                drop(shared.probing.lock().await);
+                shared.cached(false).unwrap_or_else(|| Health {
+                    healthz: "no verdict".into(),
+                    key_id: shared.known_key_id(),
+                })
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn observe<T>(&self, result: &Result<T>) {
+        self.shared.observe(result)
+    }
+}
+
+impl<S: KeyService> Shared<S> {
+    async fn run_probe(&self) {
         self.suspect.store(false, Ordering::Release);
         let started = Instant::now();
         let result = tokio::time::timeout(self.ttl.probe_timeout, self.probe())
@@ -124,10 +163,6 @@ impl<S: KeyService> Healthy<S> {
                 self.record(started, Some(short_reason(&err)));
             }
         }
-        self.cached(false).unwrap_or_else(|| Health {
-            healthz: "no verdict".into(),
-            key_id: self.known_key_id(),
-        })
     }
 
     /// The last verdict as Status reports it; with `fresh_only`, only while its TTL lasts and no real
@@ -248,32 +283,34 @@ fn short_reason(err: &Error) -> String {
 #[async_trait]
 impl<S: KeyService> KeyService for Healthy<S> {
     fn name(&self) -> &'static str {
-        self.inner.name()
+        self.shared.inner.name()
     }
 
     async fn encrypt(&self, uid: &str, plaintext: &SecretSlice<u8>) -> Result<Encrypted> {
-        let result = self.inner.encrypt(uid, plaintext).await;
-        self.observe(&result);
+        let shared = &self.shared;
+        let result = shared.inner.encrypt(uid, plaintext).await;
+        shared.observe(&result);
         if let Ok(out) = &result {
             // The backend encrypts with its current key, so this names it.
-            self.remember_key_id(&out.key_id);
-            self.vouch();
+            shared.remember_key_id(&out.key_id);
+            shared.vouch();
         }
         result
     }
 
     async fn decrypt(&self, uid: &str, encrypted: &Encrypted) -> Result<SecretSlice<u8>> {
-        let result = self.inner.decrypt(uid, encrypted).await;
-        self.observe(&result);
-        if result.is_ok() && encrypted.key_id == self.known_key_id() {
-            self.vouch();
+        let shared = &self.shared;
+        let result = shared.inner.decrypt(uid, encrypted).await;
+        shared.observe(&result);
+        if result.is_ok() && encrypted.key_id == shared.known_key_id() {
+            shared.vouch();
         }
         result
     }
 
     async fn current_key_id(&self) -> Result<String> {
-        let result = self.inner.current_key_id().await;
-        self.observe(&result);
+        let result = self.shared.inner.current_key_id().await;
+        self.shared.observe(&result);
         result
     }
 }
@@ -354,6 +391,7 @@ mod tests {
                     ok: ttl,
                     err: ttl,
                     probe_timeout: Duration::from_secs(5),
+                    answer_within: Duration::from_secs(5),
                 },
             ),
         )
@@ -485,7 +523,7 @@ mod tests {
         assert_ne!(healthy.health().await.healthz, "ok");
         backend.down.store(false, Ordering::SeqCst);
         // The cached key_id is k1 here, so a k1 decrypt would count; make k2 known first.
-        *healthy.key_id.lock().unwrap() = "k2".into();
+        *healthy.shared.key_id.lock().unwrap() = "k2".into();
         healthy.decrypt("u", &old).await.unwrap();
         assert_ne!(healthy.health().await.healthz, "ok", "k1 is not the current key");
     }

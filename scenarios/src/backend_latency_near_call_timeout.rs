@@ -1,10 +1,15 @@
-//! OpenBao answering just under kleidi's 1 s call timeout (0.9×: 450 ms each way), then just over it
-//! (1.1×): under it every call still succeeds, slowly; over it calls fail with a clear status and
-//! cached reads carry on; all heals when the latency goes.
+//! OpenBao answering just under kleidi's 1 s call timeout, then just over it. kleidi gives Vault 7/8
+//! of the call timeout, so "just under" is 0.8× (400 ms each way) and "just over" 1.1× (550 ms).
+//! Under it every RPC succeeds, slowly, and Status stays ok — even though its probe takes three such
+//! calls — including for an apiserver restarted cold in the middle of it. Over it calls fail with a
+//! clear status while warm apiservers carry on from cached seeds; everything heals with the latency.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use kleidi_harness::runtime::{Direction, Fault as Net};
+use kleidi_harness::scenario::checker::{Check, Checker};
+use kleidi_harness::scenario::history::{self, Effect, Event};
 use kleidi_harness::scenario::{BackendKind, Fault, Scenario, at};
 
 /// The scenario.
@@ -22,15 +27,80 @@ pub fn scenario() -> Scenario {
         backends: vec![BackendKind::Vault],
         kleidi_flags: vec!["--call-timeout".into(), "1s".into()],
         timeline: vec![
-            at(4.0, latency(450)),
+            at(4.0, latency(400)),
+            at(6.0, Fault::RestartApiserver(0)),
             at(12.0, Fault::Proxy(None, Net::Pass)),
             at(14.0, latency(550)),
-            at(20.0, Fault::Proxy(None, Net::Pass)),
+            at(16.0, Fault::RestartApiserver(0)),
+            at(22.0, Fault::Proxy(None, Net::Pass)),
         ],
-        length: Duration::from_secs(26),
+        length: Duration::from_secs(28),
+        extra: vec![Arc::new(UnderTheTimeoutIsHealthy)],
         ..Scenario::new(
             "backend_latency_near_call_timeout",
-            "OpenBao at 0.9× then 1.1× of a 1 s call timeout (timing ÷10)",
+            "OpenBao at 0.8× then 1.1× of a 1 s call timeout, a cold apiserver in each (timing ÷10)",
         )
+    }
+}
+
+/// In the first latency window every RPC succeeds and every Status says ok; in the second some
+/// RPC fails (else the fault did not bite and the run proves nothing).
+pub struct UnderTheTimeoutIsHealthy;
+
+impl Checker for UnderTheTimeoutIsHealthy {
+    fn name(&self) -> &'static str {
+        "under_the_timeout_is_healthy"
+    }
+
+    fn check(&self, events: &[Event]) -> Check {
+        let mut check = Check::new(self.name());
+        let proxy: Vec<_> = history::faults(events).filter(|f| f.verb == "proxy").collect();
+        let windows: Vec<(u64, u64)> = proxy
+            .windows(2)
+            .filter_map(|w| match w {
+                [a, b] if a.effect == Effect::Breaks && b.effect == Effect::Heals => Some((a.at_ms, b.at_ms)),
+                _ => None,
+            })
+            .collect();
+        let [under, over] = windows.as_slice() else {
+            check.unknown(format!("expected two latency windows, found {}", windows.len()));
+            return check;
+        };
+        let inside = |(from, to): (u64, u64), at: u64| (from..to).contains(&at);
+        let mut rpcs_under = 0;
+        for event in events {
+            match event {
+                Event::Rpc(r) if inside(*under, r.at_ms) => {
+                    rpcs_under += 1;
+                    if r.code != "OK" {
+                        check.violation(
+                            format!("{:?} failed under 0.8× latency: {}", r.method, r.code),
+                            Some(event),
+                        );
+                    }
+                }
+                Event::Status(s) if inside(*under, s.at_ms) && !s.is_healthy() => check.violation(
+                    format!("Status unhealthy under 0.8× latency: {}", s.healthz),
+                    Some(event),
+                ),
+                _ => {}
+            }
+        }
+        let failed_over = history::rpcs(events)
+            .filter(|r| inside(*over, r.at_ms) && r.code != "OK")
+            .count();
+        let unhealthy_over = history::statuses(events)
+            .filter(|s| inside(*over, s.at_ms) && !s.is_healthy())
+            .count();
+        check.figure("rpcs_under", rpcs_under);
+        check.figure("rpcs_failed_over", failed_over);
+        check.figure("statuses_unhealthy_over", unhealthy_over);
+        if rpcs_under == 0 {
+            check.unknown("no RPC ran under 0.8× latency");
+        }
+        if failed_over + unhealthy_over == 0 {
+            check.unknown("nothing failed at 1.1× latency: the fault did not bite");
+        }
+        check
     }
 }

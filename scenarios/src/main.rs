@@ -83,10 +83,8 @@ async fn cli(cli: Cli) -> Result<bool> {
                     s.about
                 );
             }
-            println!(
-                "{:<36} {:>4}s  {:<14} {}",
-                "random", 300, "pkcs11,vault", "kleidi-scenarios random"
-            );
+            let (name, backends) = ("random", "pkcs11,vault");
+            println!("{name:<36}  300s  {backends:<14} randomized nemesis (`random --length 300s`)");
             return Ok(true);
         }
         Command::Run { name, backend } => {

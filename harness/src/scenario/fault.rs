@@ -285,13 +285,13 @@ impl Cluster {
                     *revoked = true;
                 }
                 Fault::NewToken(lease) => {
-                    bao.new_token(lease.clone()).await?;
+                    bao.new_token(*lease).await?;
                     *revoked = false;
                 }
                 Fault::DeleteKey => bao.delete_key().await?,
                 Fault::Proxy(node, proxy_fault) => match node {
-                    Some(n) => proxies.get(*n).context("no such proxy")?.set(proxy_fault.clone()),
-                    None => proxies.iter().for_each(|p| p.set(proxy_fault.clone())),
+                    Some(n) => proxies.get(*n).context("no such proxy")?.set(*proxy_fault),
+                    None => proxies.iter().for_each(|p| p.set(*proxy_fault)),
                 },
                 _ => bail!("not a vault fault"),
             },
@@ -513,7 +513,7 @@ fn fault_pairs(backend: BackendKind, nodes: usize, rng: &mut StdRng) -> (Fault, 
 /// A fault schedule drawn from `seed`: one fault at a time, each held 2–12 s, 2–8 s apart, over
 /// `length`; every break is healed before the next is drawn (and `HealAll` ends the run anyway).
 pub fn nemesis(seed: u64, backend: BackendKind, nodes: usize, length: Duration) -> Vec<Step> {
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x6e65_6d65_7369_73);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x006e_656d_6573_6973);
     let mut steps = Vec::new();
     let mut t = Duration::from_secs(5);
     // Bounded: each turn advances t by at least 2 s.

@@ -172,6 +172,15 @@ pub async fn run(
         backend.name()
     ));
 
+    let preloaded = scenario
+        .workload
+        .preload(
+            cluster.apiservers.clone(),
+            cluster.store.clone(),
+            history.clone(),
+            seed,
+        )
+        .await;
     let clients = scenario.workload.start(
         cluster.apiservers.clone(),
         cluster.store.clone(),
@@ -204,13 +213,14 @@ pub async fn run(
     cluster.watch_exits();
     say("heal all".into());
     cluster.heal_all().await?;
-    let unhealthy = cluster.wait_healthy(Duration::from_secs(30)).await;
+    let unhealthy = cluster.wait_healthy(Duration::from_secs(15)).await;
     if !unhealthy.is_empty() {
-        say(format!("nodes {unhealthy:?} not healthy 30 s after the heal"));
+        say(format!("nodes {unhealthy:?} not healthy 15 s after the heal"));
     }
     // A little load after the heal, so the time to the first good write is measured.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let plaintexts = clients.stop().await;
+    let mut plaintexts = clients.stop().await;
+    plaintexts.extend(preloaded);
     cluster.watch_exits();
 
     let keys: BTreeSet<String> = history::ops(&history.events())
@@ -235,8 +245,12 @@ pub async fn run(
     let verdict = VerdictFile::new(meta, &events, report);
     verdict.write(&dir)?;
     say(format!("verdict {:?} — {}", verdict.verdict, dir.display()));
-    for line in problems {
-        say(line);
+    // The first few name the checker and the operation; verdict.json has them all.
+    for line in problems.iter().take(10) {
+        say(line.chars().take(400).collect());
+    }
+    if problems.len() > 10 {
+        say(format!("… and {} more in verdict.json", problems.len() - 10));
     }
     Ok(verdict)
 }

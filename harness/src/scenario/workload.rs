@@ -24,6 +24,9 @@ pub struct Workload {
     pub readers: usize,
     /// Distinct keys written (`/registry/secrets/default/s-<n>`).
     pub keys: usize,
+    /// Keys written once before the clients start and never again (`…/default/pre-<n>`): old data
+    /// that must survive every fault and rotation; readers read them too.
+    pub preload: usize,
     /// Pause between one client's operations.
     pub pause: Duration,
     /// An operation still running after this is recorded as unknown.
@@ -36,6 +39,7 @@ impl Default for Workload {
             writers: 4,
             readers: 4,
             keys: 64,
+            preload: 16,
             pause: Duration::from_millis(50),
             op_timeout: Duration::from_secs(5),
         }
@@ -45,6 +49,11 @@ impl Default for Workload {
 /// The etcd key of workload key `n`.
 pub fn key(n: usize) -> String {
     format!("{PREFIX}default/s-{n}")
+}
+
+/// The etcd key of preloaded key `n`.
+pub fn preload_key(n: usize) -> String {
+    format!("{PREFIX}default/pre-{n}")
 }
 
 /// A running workload; [`Running::stop`] ends it.
@@ -65,6 +74,31 @@ struct Client {
 }
 
 impl Workload {
+    /// Writes the preloaded keys once, through the nodes in turn, before any fault; returns their
+    /// plaintexts.
+    pub async fn preload(
+        &self,
+        apiservers: Apiservers,
+        store: EtcdStore,
+        history: History,
+        seed: u64,
+    ) -> Vec<Vec<u8>> {
+        let client = Client {
+            apiservers,
+            store,
+            history,
+            workload: self.clone(),
+            written: Arc::new(Mutex::new(Vec::new())),
+        };
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x0070_7265_6c6f_6164);
+        for n in 0..self.preload {
+            client
+                .write_key(&mut rng, preload_key(n), seed, usize::MAX, n as u64)
+                .await;
+        }
+        std::mem::take(&mut *client.written.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
     /// Starts the clients; client `i`'s choices come from `seed` and `i`.
     pub fn start(&self, apiservers: Apiservers, store: EtcdStore, history: History, seed: u64) -> Running {
         let (stop, watch) = tokio::sync::watch::channel(false);
@@ -124,10 +158,14 @@ impl Client {
     }
 
     async fn write(&self, rng: &mut StdRng, seed: u64, client: usize, n: u64) {
+        let key = key(rng.random_range(0..self.workload.keys.max(1)));
+        self.write_key(rng, key, seed, client, n).await;
+    }
+
+    async fn write_key(&self, rng: &mut StdRng, key: String, seed: u64, client: usize, n: u64) {
         let Some((node, envelope)) = self.node(rng) else {
             return;
         };
-        let key = key(rng.random_range(0..self.workload.keys.max(1)));
         // A marker a person can grep for, and random bytes no other value shares.
         let mut value = format!("kleidi-secret-{seed:x}-{client}-{n}-").into_bytes();
         value.extend((0..16).map(|_| rng.random_range(b'a'..=b'z')));
@@ -167,7 +205,11 @@ impl Client {
         let Some((node, envelope)) = self.node(rng) else {
             return;
         };
-        let key = key(rng.random_range(0..self.workload.keys.max(1)));
+        let pick = rng.random_range(0..(self.workload.keys + self.workload.preload).max(1));
+        let key = match pick.checked_sub(self.workload.keys) {
+            Some(n) => preload_key(n),
+            None => key(pick),
+        };
         let start_ms = self.history.now_ms();
         let (digest, outcome) = read_one(&self.store, &envelope, &key, self.workload.op_timeout).await;
         self.record(node, Op::Read, key, digest, None, false, start_ms, outcome);

@@ -150,11 +150,29 @@ impl Checker for Availability {
     }
 }
 
-/// Whether the node had read or written this key before, so its envelope cached the seed.
+/// Whether the node had read or written this key before (since its apiserver last restarted cold),
+/// so its envelope cached the seed.
 fn held_seed(history: &[Event], read: &OpRecord) -> bool {
+    let since = last_cold_restart(history, read.node, read.start_ms).unwrap_or(0);
     history::ops(history).any(|op| {
-        op.node == read.node && op.key == read.key && op.outcome.is_ok() && op.end_ms <= read.start_ms
+        op.node == read.node
+            && op.key == read.key
+            && op.outcome.is_ok()
+            && op.start_ms >= since
+            && op.end_ms <= read.start_ms
     })
+}
+
+/// When node `node`'s apiserver last restarted cold before `before`.
+fn last_cold_restart(history: &[Event], node: usize, before: u64) -> Option<u64> {
+    history::faults(history)
+        .filter(|f| {
+            f.verb == "restart_cold"
+                && (f.target == "apiservers" || f.target == format!("apiserver-{node}"))
+                && f.at_ms <= before
+        })
+        .map(|f| f.at_ms)
+        .max()
 }
 
 /// Whether the node sent a Decrypt while the read ran (a cache miss, allowed to fail in an outage).
@@ -166,12 +184,15 @@ fn sent_decrypt(history: &[Event], read: &OpRecord) -> bool {
     })
 }
 
-/// When the node's last healthy Status before `before` arrived.
+/// When the node's last healthy Status before `before` arrived; `None` when its apiserver was
+/// restarted cold since (a new process has no write state until a probe succeeds).
 fn last_good_probe(history: &[Event], node: usize, before: u64) -> Option<u64> {
-    history::statuses(history)
+    let good = history::statuses(history)
         .filter(|s| s.node == node && s.at_ms <= before && s.is_healthy())
         .map(|s| s.at_ms)
-        .max()
+        .max()?;
+    let restarted = last_cold_restart(history, node, before).is_some_and(|at| at >= good);
+    (!restarted).then_some(good)
 }
 
 /// Time from each heal to the end of the first acknowledged write that started after it.
@@ -375,5 +396,48 @@ mod tests {
             check.unknowns,
             ["the outage of openbao from 10000 ms never healed"]
         );
+    }
+
+    #[test]
+    fn a_write_failing_on_a_cold_apiserver_is_no_violation_but_on_a_warm_one_is() {
+        let status = Event::Status(StatusRecord {
+            node: 0,
+            at_ms: 1_000,
+            key_id: "k".into(),
+            healthz: "ok".into(),
+        });
+        let fault = |at_ms, verb: &str, target: &str, effect| {
+            Event::Fault(FaultRecord {
+                at_ms,
+                verb: verb.into(),
+                target: target.into(),
+                effect,
+                detail: None,
+            })
+        };
+        let write = Event::Op(OpRecord {
+            node: 0,
+            op: Op::Write,
+            key: "a".into(),
+            digest: Some("d".into()),
+            cache: None,
+            final_read: false,
+            start_ms: 6_000,
+            end_ms: 6_001,
+            outcome: Outcome::Fail {
+                error: "no write state".into(),
+            },
+        });
+        let broken = fault(5_000, "pause", "openbao", Effect::Breaks);
+        let healed = fault(9_000, "resume", "openbao", Effect::Heals);
+        let checker = Availability {
+            write_ttl_ms: 18_000,
+            ..Availability::default()
+        };
+        let warm = vec![status.clone(), broken.clone(), write.clone(), healed.clone()];
+        assert_eq!(checker.check(&warm).verdict, Verdict::Invalid);
+        let restart = fault(5_500, "restart_cold", "apiserver-0", Effect::Changes);
+        let cold = vec![status, broken, restart, write, healed];
+        assert!(checker.check(&cold).violations.is_empty());
     }
 }
