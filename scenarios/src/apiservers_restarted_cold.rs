@@ -3,11 +3,13 @@
 
 use std::time::Duration;
 
-use kleidi_harness::scenario::{Fault, Scenario, at};
+use kleidi_harness::scenario::{BackendKind, Fault, Scenario, at};
 
 /// The scenario.
 pub fn scenario() -> Scenario {
     Scenario {
+        // No fault here needs the backend: it runs against any plugin too (`--plugin-command`).
+        backends: vec![BackendKind::Pkcs11, BackendKind::Vault, BackendKind::Foreign],
         nodes: 3,
         timeline: [2.0, 4.0, 6.0, 8.0, 10.0]
             .into_iter()

@@ -32,6 +32,10 @@ enum Command {
         /// Only these backends (pkcs11, vault).
         #[arg(long)]
         backend: Vec<String>,
+        /// Run against a plugin of your own instead: the command that starts it, with `{socket}`
+        /// for the socket path (only scenarios that need no control over its backend).
+        #[arg(long)]
+        plugin_command: Option<String>,
     },
     /// Every scenario on every backend it applies to.
     All {
@@ -71,6 +75,7 @@ async fn main() -> ExitCode {
 
 /// Whether every run was valid.
 async fn cli(cli: Cli) -> Result<bool> {
+    let mut foreign = None;
     let runs: Vec<(Scenario, Vec<BackendKind>)> = match cli.command {
         Command::List => {
             for s in kleidi_scenarios::all() {
@@ -87,17 +92,31 @@ async fn cli(cli: Cli) -> Result<bool> {
             println!("{name:<36}  300s  {backends:<14} randomized nemesis (`random --length 300s`)");
             return Ok(true);
         }
-        Command::Run { name, backend } => {
+        Command::Run {
+            name,
+            backend,
+            plugin_command,
+        } => {
             let s = kleidi_scenarios::named(&name)
                 .with_context(|| format!("no scenario {name:?}; see `list`"))?;
-            let backends = pick(&s, &backend)?;
+            let backends = match plugin_command {
+                Some(command) => {
+                    anyhow::ensure!(
+                        s.backends.contains(&BackendKind::Foreign),
+                        "{name} needs control over the backend; it runs on kleidi's own backends only"
+                    );
+                    foreign = Some(command);
+                    vec![BackendKind::Foreign]
+                }
+                None => pick(&s, &backend)?,
+            };
             vec![(s, backends)]
         }
         Command::All { max_length } => kleidi_scenarios::all()
             .into_iter()
             .filter(|s| max_length.is_none_or(|max| s.length <= max))
             .map(|s| {
-                let backends = s.backends.clone();
+                let backends = own_backends(&s);
                 (s, backends)
             })
             .collect(),
@@ -115,7 +134,10 @@ async fn cli(cli: Cli) -> Result<bool> {
         }
     };
     let seed = seed_from_env()?;
-    let opts = RunOptions::from_env()?;
+    let opts = RunOptions {
+        foreign_command: foreign,
+        ..RunOptions::from_env()?
+    };
     let mut verdicts = Vec::new();
     for (s, backends) in &runs {
         for b in backends {
@@ -125,9 +147,18 @@ async fn cli(cli: Cli) -> Result<bool> {
     Ok(report(&verdicts))
 }
 
+/// The backends the harness starts itself (a foreign plugin needs `--plugin-command`).
+fn own_backends(s: &Scenario) -> Vec<BackendKind> {
+    s.backends
+        .iter()
+        .copied()
+        .filter(|b| *b != BackendKind::Foreign)
+        .collect()
+}
+
 fn pick(s: &Scenario, names: &[String]) -> Result<Vec<BackendKind>> {
     if names.is_empty() {
-        return Ok(s.backends.clone());
+        return Ok(own_backends(s));
     }
     names
         .iter()

@@ -211,3 +211,45 @@ fn every_scenario_is_tested_here_and_the_fast_ones_fit_in_a_minute() {
     }
     assert!(kleidi_scenarios::all().len() >= 12);
 }
+
+/// The backend-free scenarios against a plugin the harness did not configure: kleidi on a SoftHSM
+/// token, started by a command line as a user would give `--plugin-command` for their own plugin.
+async fn foreign(scenario: Scenario) {
+    let kleidi = kleidi_harness::runtime::kleidi_bin().unwrap();
+    let label = format!("fr-{}", std::process::id());
+    let token = kleidi_harness::runtime::SoftHsmToken::create(&kleidi, &label, "kek-1").unwrap();
+    let command = format!(
+        "env SOFTHSM2_CONF={} {} serve --listen unix://{{socket}} --backend pkcs11 {}",
+        token.conf().display(),
+        kleidi.display(),
+        token.flags("kek-1").join(" ")
+    );
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let seed = seed_from_env().unwrap();
+    let opts = RunOptions {
+        foreign_command: Some(command),
+        ..RunOptions::from_env().unwrap()
+    };
+    let verdict = run(&scenario, BackendKind::Foreign, seed, &opts).await.unwrap();
+    assert_eq!(
+        verdict.verdict,
+        Verdict::Valid,
+        "{} on a foreign plugin, seed {seed}",
+        scenario.name
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_plugin_survives_being_killed_under_load() {
+    foreign(kleidi_scenarios::plugin_killed_under_load::scenario()).await;
+}
+
+#[ignore = "e2e: three more foreign-plugin runs (just e2e)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_plugin_runs_every_backend_free_scenario() {
+    for s in kleidi_scenarios::all() {
+        if s.backends.contains(&BackendKind::Foreign) && s.name != "plugin_killed_under_load" {
+            foreign(s).await;
+        }
+    }
+}

@@ -83,6 +83,16 @@ impl KleidiPlugin {
         Ok(plugin)
     }
 
+    /// Starts someone else's KMS plugin with `sh -c "exec COMMAND"` (output in `log`) and waits
+    /// until `socket` accepts connections. The fault verbs work on it as on kleidi.
+    pub async fn foreign(command: &str, socket: PathBuf, log: &Path) -> Result<Self> {
+        let args = vec!["-c".to_string(), format!("exec {command}")];
+        let process = Process::spawn("plugin", Path::new("/bin/sh"), &args, &[], log)?;
+        let plugin = KleidiPlugin { process, socket };
+        plugin.wait_ready(Duration::from_secs(20)).await?;
+        Ok(plugin)
+    }
+
     /// Starts it again after a stop or crash and waits until it listens.
     pub async fn restart(&mut self) -> Result<()> {
         self.process.start()?;

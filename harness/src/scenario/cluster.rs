@@ -30,13 +30,16 @@ pub enum BackendKind {
     Pkcs11,
     /// OpenBao transit, each node through its own fault proxy.
     Vault,
-    /// TPM 2.0 (swtpm); not implemented yet.
+    /// TPM 2.0 (swtpm); the harness cannot start one yet.
     Tpm,
+    /// Any KMS v2 plugin, started by a command of the user's (`{socket}` stands for the socket
+    /// path); only faults that need no control over its backend apply.
+    Foreign,
 }
 
 impl BackendKind {
     /// Every backend, in the order runs are listed.
-    pub const ALL: [BackendKind; 3] = [Self::Pkcs11, Self::Vault, Self::Tpm];
+    pub const ALL: [BackendKind; 4] = [Self::Pkcs11, Self::Vault, Self::Tpm, Self::Foreign];
 
     /// `pkcs11`, `vault`, `tpm`.
     pub fn name(self) -> &'static str {
@@ -44,6 +47,7 @@ impl BackendKind {
             Self::Pkcs11 => "pkcs11",
             Self::Vault => "vault",
             Self::Tpm => "tpm",
+            Self::Foreign => "foreign",
         }
     }
 
@@ -52,7 +56,7 @@ impl BackendKind {
         Self::ALL
             .into_iter()
             .find(|b| b.name() == name)
-            .with_context(|| format!("unknown backend {name:?} (pkcs11, vault, tpm)"))
+            .with_context(|| format!("unknown backend {name:?} (pkcs11, vault, tpm, foreign)"))
     }
 }
 
@@ -136,6 +140,11 @@ pub enum Backend {
         /// Whether kleidi's token was revoked and not replaced.
         revoked: bool,
     },
+    /// Someone else's plugin: `sh -c "exec <command>"` with `{socket}` replaced.
+    Foreign {
+        /// The command line.
+        command: String,
+    },
 }
 
 impl Backend {
@@ -144,6 +153,7 @@ impl Backend {
         match self {
             Self::Pkcs11 { .. } => BackendKind::Pkcs11,
             Self::Vault { .. } => BackendKind::Vault,
+            Self::Foreign { .. } => BackendKind::Foreign,
         }
     }
 }
@@ -187,6 +197,8 @@ pub struct ClusterSpec {
     pub timing: Timing,
     /// Extra `kleidi serve` flags.
     pub kleidi_flags: Vec<String>,
+    /// For [`BackendKind::Foreign`]: the command that starts the plugin on `{socket}`.
+    pub foreign_command: Option<String>,
     /// The run's seed (envelope randomness is derived from it).
     pub seed: u64,
     /// Where process logs and sockets go.
@@ -212,6 +224,8 @@ pub struct Cluster {
     pub apiservers: Apiservers,
     /// Whether etcd is stopped.
     pub etcd_down: bool,
+    /// Whether etcd is paused.
+    pub etcd_paused: bool,
     spec: ClusterSpec,
     kleidi: PathBuf,
     clock: Arc<ScaledClock>,
@@ -251,8 +265,14 @@ impl Cluster {
                 }
             }
             BackendKind::Tpm => {
-                bail!("the tpm backend is not implemented yet (issue 10): no TPM scenario can run")
+                bail!("the harness cannot start a TPM yet (its swtpm runtime, issue 10): not implemented yet")
             }
+            BackendKind::Foreign => Backend::Foreign {
+                command: spec
+                    .foreign_command
+                    .clone()
+                    .context("the foreign backend needs the command that starts the plugin")?,
+            },
         };
         let clock = Arc::new(ScaledClock {
             start: Instant::now(),
@@ -266,6 +286,7 @@ impl Cluster {
             nodes: Vec::new(),
             apiservers: Arc::new(RwLock::new(Vec::new())),
             etcd_down: false,
+            etcd_paused: false,
             spec,
             kleidi,
             clock,
@@ -332,6 +353,10 @@ impl Cluster {
                     .map(FaultProxy::url)
                     .context("no proxy for this node")?;
                 (bao.kleidi_flags(&url), Vec::new())
+            }
+            Backend::Foreign { command } => {
+                let command = command.replace("{socket}", &socket.display().to_string());
+                return KleidiPlugin::foreign(&command, socket, &log).await;
             }
         };
         args.extend(self.spec.timing.kleidi_flags());

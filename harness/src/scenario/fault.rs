@@ -18,6 +18,8 @@ use crate::runtime::{Fault as ProxyFault, TokenLease};
 pub enum Fault {
     /// SIGKILL node `n`'s plugin (a crash: its socket file stays).
     KillPlugin(usize),
+    /// SIGTERM node `n`'s plugin (a graceful stop: it removes its socket).
+    StopPlugin(usize),
     /// Start node `n`'s plugin again after a kill or stop.
     StartPlugin(usize),
     /// SIGSTOP node `n`'s plugin.
@@ -32,6 +34,14 @@ pub enum Fault {
     RestartAllApiservers,
     /// Restart etcd (SIGKILL and start on the same data).
     RestartEtcd,
+    /// Stop etcd (SIGTERM); its data stays.
+    StopEtcd,
+    /// Start etcd again on its data.
+    StartEtcd,
+    /// SIGSTOP etcd.
+    PauseEtcd,
+    /// SIGCONT etcd.
+    ResumeEtcd,
     /// Stop the OpenBao server gracefully (vault).
     StopBackend,
     /// SIGKILL the OpenBao server (vault).
@@ -78,6 +88,7 @@ impl Fault {
         let plugin = |n: &usize| format!("plugin-{n}");
         let (verb, target, effect) = match self {
             Self::KillPlugin(n) => ("kill", plugin(n), Breaks),
+            Self::StopPlugin(n) => ("stop", plugin(n), Breaks),
             Self::StartPlugin(n) => ("start", plugin(n), Heals),
             Self::PausePlugin(n) => ("pause", plugin(n), Breaks),
             Self::ResumePlugin(n) => ("resume", plugin(n), Heals),
@@ -85,6 +96,10 @@ impl Fault {
             Self::RestartApiserver(n) => ("restart_cold", format!("apiserver-{n}"), Changes),
             Self::RestartAllApiservers => ("restart_cold", "apiservers".into(), Changes),
             Self::RestartEtcd => ("restart", "etcd".into(), Changes),
+            Self::StopEtcd => ("stop", "etcd".into(), Breaks),
+            Self::StartEtcd => ("start", "etcd".into(), Heals),
+            Self::PauseEtcd => ("pause", "etcd".into(), Breaks),
+            Self::ResumeEtcd => ("resume", "etcd".into(), Heals),
             Self::StopBackend => ("stop", "openbao".into(), Breaks),
             Self::KillBackend => ("kill", "openbao".into(), Breaks),
             Self::StartBackend => ("start", "openbao".into(), Heals),
@@ -138,7 +153,10 @@ impl Fault {
         match backend {
             BackendKind::Vault => !pkcs11_only,
             BackendKind::Pkcs11 => !vault_only,
-            BackendKind::Tpm => !vault_only && !pkcs11_only,
+            // No control over a foreign plugin's backend: not even a rotation.
+            BackendKind::Tpm | BackendKind::Foreign => {
+                !vault_only && !pkcs11_only && !matches!(self, Self::RotateKey)
+            }
         }
     }
 }
@@ -200,6 +218,19 @@ impl Cluster {
                     by_harness: true,
                 }));
             }
+            Fault::StopPlugin(n) => {
+                let node = self.nodes.get_mut(*n).context("no such node")?;
+                node.down = true;
+                let code = node.plugin.process.stop(Duration::from_secs(5)).await?;
+                self.history.record(Event::Exit(ExitRecord {
+                    at_ms: self.history.now_ms(),
+                    process: format!("plugin-{n}"),
+                    role: Role::Plugin,
+                    code,
+                    signal: None,
+                    by_harness: true,
+                }));
+            }
             Fault::StartPlugin(n) => self.start_plugin(*n).await?,
             Fault::PausePlugin(n) => {
                 let node = self.nodes.get_mut(*n).context("no such node")?;
@@ -225,6 +256,23 @@ impl Cluster {
                 self.etcd.process.kill().await?;
                 self.etcd.process.start()?;
                 self.etcd.wait_ready(Duration::from_secs(20)).await?;
+            }
+            Fault::StopEtcd => {
+                self.etcd.process.stop(Duration::from_secs(10)).await?;
+                self.etcd_down = true;
+            }
+            Fault::StartEtcd => {
+                self.etcd.process.start()?;
+                self.etcd.wait_ready(Duration::from_secs(20)).await?;
+                self.etcd_down = false;
+            }
+            Fault::PauseEtcd => {
+                self.etcd.process.pause()?;
+                self.etcd_paused = true;
+            }
+            Fault::ResumeEtcd => {
+                self.etcd.process.resume()?;
+                self.etcd_paused = false;
             }
             Fault::RotateKey => return self.rotate().await.map(Some),
             _ => self.act_on_backend(fault).await?,
@@ -330,6 +378,7 @@ impl Cluster {
                 }
                 _ => bail!("not a pkcs11 fault"),
             },
+            Backend::Foreign { .. } => bail!("a foreign plugin's backend is not the harness's to break"),
         }
         Ok(())
     }
@@ -356,6 +405,7 @@ impl Cluster {
                     }
                 }
             }
+            Backend::Foreign { .. } => bail!("a foreign plugin's key is not the harness's to rotate"),
         }
         let started = std::time::Instant::now();
         // Bounded: kleidi notices within its (compressed) health TTL.
@@ -401,6 +451,10 @@ impl Cluster {
                 self.start_plugin(n).await?;
             }
         }
+        if self.etcd_paused {
+            self.etcd.process.resume()?;
+            self.etcd_paused = false;
+        }
         if self.etcd_down || !self.etcd.process.is_running() {
             self.etcd.process.start()?;
             self.etcd.wait_ready(Duration::from_secs(20)).await?;
@@ -442,6 +496,7 @@ impl Cluster {
                 }
                 steps
             }
+            Backend::Foreign { .. } => Vec::new(),
         };
         for fault in heal {
             self.act_on_backend(&fault).await?;
@@ -503,9 +558,13 @@ fn fault_pairs(backend: BackendKind, nodes: usize, rng: &mut StdRng) -> (Fault, 
             (Fault::LoseToken, Some(Fault::RestoreToken)),
             (Fault::LoseTokenStore, Some(Fault::RestoreToken)),
         ],
-        BackendKind::Tpm => Vec::new(),
+        BackendKind::Tpm | BackendKind::Foreign => Vec::new(),
     };
-    let all: Vec<_> = common.into_iter().chain(specific).collect();
+    let all: Vec<_> = common
+        .into_iter()
+        .chain(specific)
+        .filter(|(fault, _)| fault.applies_to(backend))
+        .collect();
     let pick = rng.random_range(0..all.len());
     all.into_iter().nth(pick).unwrap_or((Fault::RestartEtcd, None))
 }
@@ -547,7 +606,7 @@ mod tests {
 
     #[test]
     fn the_nemesis_draws_only_what_the_backend_can_do() {
-        for backend in [BackendKind::Pkcs11, BackendKind::Vault] {
+        for backend in [BackendKind::Pkcs11, BackendKind::Vault, BackendKind::Foreign] {
             for seed in 0..20 {
                 for step in nemesis(seed, backend, 3, Duration::from_secs(120)) {
                     assert!(step.fault.applies_to(backend), "{step:?} on {backend:?}");

@@ -82,6 +82,8 @@ pub struct RunOptions {
     pub kleidi: PathBuf,
     /// Print progress to stderr.
     pub progress: bool,
+    /// The command that starts a foreign plugin on `{socket}` (backend `foreign`).
+    pub foreign_command: Option<String>,
 }
 
 impl RunOptions {
@@ -95,6 +97,7 @@ impl RunOptions {
             out,
             kleidi: crate::runtime::kleidi_bin()?,
             progress: true,
+            foreign_command: None,
         })
     }
 }
@@ -162,6 +165,7 @@ pub async fn run(
         backend,
         timing: scenario.timing,
         kleidi_flags: scenario.kleidi_flags.clone(),
+        foreign_command: opts.foreign_command.clone(),
         seed,
         dir: dir.join("nodes"),
     };
@@ -245,6 +249,9 @@ pub async fn run(
     let verdict = VerdictFile::new(meta, &events, report);
     verdict.write(&dir)?;
     say(format!("verdict {:?} — {}", verdict.verdict, dir.display()));
+    if opts.progress {
+        eprintln!("{}", super::summary_table(std::slice::from_ref(&verdict)));
+    }
     // The first few name the checker and the operation; verdict.json has them all.
     for line in problems.iter().take(10) {
         say(line.chars().take(400).collect());
@@ -301,6 +308,7 @@ fn secrets(cluster: &Cluster, plaintexts: &[Vec<u8>], seed: u64) -> Vec<Secret> 
                 });
             }
         }
+        Backend::Foreign { .. } => {}
         Backend::Vault { bao, .. } => {
             if let Ok(token) = bao.kleidi_token() {
                 use secrecy::ExposeSecret;
