@@ -83,13 +83,7 @@ impl Workload {
         history: History,
         seed: u64,
     ) -> Vec<Vec<u8>> {
-        let client = Client {
-            apiservers,
-            store,
-            history,
-            workload: self.clone(),
-            written: Arc::new(Mutex::new(Vec::new())),
-        };
+        let client = self.client(apiservers, store, history);
         let mut rng = StdRng::seed_from_u64(seed ^ 0x0070_7265_6c6f_6164);
         for n in 0..self.preload {
             client
@@ -99,16 +93,20 @@ impl Workload {
         std::mem::take(&mut *client.written.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Starts the clients; client `i`'s choices come from `seed` and `i`.
-    pub fn start(&self, apiservers: Apiservers, store: EtcdStore, history: History, seed: u64) -> Running {
-        let (stop, watch) = tokio::sync::watch::channel(false);
-        let client = Client {
+    fn client(&self, apiservers: Apiservers, store: EtcdStore, history: History) -> Client {
+        Client {
             apiservers,
             store,
             history,
             workload: self.clone(),
             written: Arc::new(Mutex::new(Vec::new())),
-        };
+        }
+    }
+
+    /// Starts the clients; client `i`'s choices come from `seed` and `i`.
+    pub fn start(&self, apiservers: Apiservers, store: EtcdStore, history: History, seed: u64) -> Running {
+        let (stop, watch) = tokio::sync::watch::channel(false);
+        let client = self.client(apiservers, store, history);
         let mut tasks = Vec::new();
         for i in 0..self.writers + self.readers {
             let (client, mut watch) = (client.clone(), watch.clone());
