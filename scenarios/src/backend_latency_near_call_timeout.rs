@@ -104,3 +104,59 @@ impl Checker for UnderTheTimeoutIsHealthy {
         check
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use kleidi_harness::scenario::Verdict;
+    use kleidi_harness::scenario::history::{FaultRecord, Method, RpcRecord};
+
+    use super::*;
+
+    fn proxy(at_ms: u64, effect: Effect) -> Event {
+        Event::Fault(FaultRecord {
+            at_ms,
+            verb: "proxy".into(),
+            target: "proxy-all".into(),
+            effect,
+            detail: None,
+        })
+    }
+
+    fn rpc(at_ms: u64, code: &str) -> Event {
+        Event::Rpc(RpcRecord {
+            node: 0,
+            method: Method::Encrypt,
+            key_id: "k".into(),
+            code: code.into(),
+            at_ms,
+            latency_ms: 800,
+        })
+    }
+
+    fn history(under: &str) -> Vec<Event> {
+        vec![
+            proxy(1_000, Effect::Breaks),
+            rpc(2_000, under),
+            proxy(3_000, Effect::Heals),
+            proxy(4_000, Effect::Breaks),
+            rpc(5_000, "DEADLINE_EXCEEDED"),
+            proxy(6_000, Effect::Heals),
+        ]
+    }
+
+    #[test]
+    fn calls_that_succeed_under_the_timeout_and_fail_over_it_are_valid() {
+        assert_eq!(
+            UnderTheTimeoutIsHealthy.check(&history("OK")).verdict,
+            Verdict::Valid
+        );
+    }
+
+    #[test]
+    fn a_call_failing_under_the_timeout_is_invalid() {
+        assert_eq!(
+            UnderTheTimeoutIsHealthy.check(&history("UNAVAILABLE")).verdict,
+            Verdict::Invalid
+        );
+    }
+}

@@ -84,3 +84,70 @@ impl Checker for KekLossIsReported {
         check
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use kleidi_harness::scenario::Verdict;
+    use kleidi_harness::scenario::history::{FaultRecord, OpRecord, Outcome, StatusRecord};
+
+    use super::*;
+
+    fn history(status_after: &str, cold_read: Outcome) -> Vec<Event> {
+        vec![
+            Event::Fault(FaultRecord {
+                at_ms: 1_000,
+                verb: "delete_key".into(),
+                target: "kek".into(),
+                effect: Effect::Breaks,
+                detail: None,
+            }),
+            Event::Status(StatusRecord {
+                node: 0,
+                at_ms: 2_000,
+                key_id: "k".into(),
+                healthz: status_after.into(),
+            }),
+            Event::Op(OpRecord {
+                node: 0,
+                op: history::Op::Read,
+                key: "a".into(),
+                digest: matches!(cold_read, Outcome::Ok).then(|| "d".into()),
+                cache: Some(Cache::Cold),
+                final_read: true,
+                start_ms: 3_000,
+                end_ms: 3_001,
+                outcome: cold_read,
+            }),
+        ]
+    }
+
+    use kleidi_harness::scenario::history::Effect;
+
+    #[test]
+    fn a_reported_loss_with_failing_cold_reads_is_valid() {
+        let failed = Outcome::Fail {
+            error: "key missing".into(),
+        };
+        assert_eq!(
+            KekLossIsReported.check(&history("key missing", failed)).verdict,
+            Verdict::Valid
+        );
+    }
+
+    #[test]
+    fn a_status_that_stays_ok_or_a_cold_read_that_decrypts_is_invalid() {
+        let failed = Outcome::Fail {
+            error: "key missing".into(),
+        };
+        assert_eq!(
+            KekLossIsReported.check(&history("ok", failed)).verdict,
+            Verdict::Invalid
+        );
+        assert_eq!(
+            KekLossIsReported
+                .check(&history("key missing", Outcome::Ok))
+                .verdict,
+            Verdict::Invalid
+        );
+    }
+}
