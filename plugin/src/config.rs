@@ -44,6 +44,67 @@ pub enum TpmCommand {
         /// TPM and state directory.
         #[command(flatten)]
         tpm: TpmArgs,
+        /// Make a KEK other control-plane nodes can import, with the approval of the admin key
+        /// named by --admin-pub (otherwise the key never leaves this TPM).
+        #[arg(long, requires = "admin_pub")]
+        shareable: bool,
+        /// The admin's public key (`kleidi tpm admin-key` writes it as FILE.pub).
+        #[arg(long, requires = "shareable")]
+        admin_pub: Option<PathBuf>,
+    },
+    /// Offline, on the administrator's machine: create the signing key that approves nodes
+    /// (FILE, keep it offline) and its public part (FILE.pub). Needs no TPM.
+    AdminKey {
+        /// Where to write the private key (never overwritten); the public key goes to FILE.pub.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// On a new node: write the public part of this TPM's storage parent, for `approve` and `export`.
+    ExportParent {
+        /// TPM and state directory.
+        #[command(flatten)]
+        tpm: TpmArgs,
+        /// Where to write the parent file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Offline, with the admin key: approve sharing KEKs with the node whose parent file is given.
+    Approve {
+        /// The admin's private key (`kleidi tpm admin-key`).
+        #[arg(long)]
+        admin_key: PathBuf,
+        /// The new node's parent file (`kleidi tpm export-parent`).
+        #[arg(long)]
+        to: PathBuf,
+        /// Where to write the approval.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// On a node holding a shareable KEK: wrap it, inside the TPM, to an approved node's parent.
+    Export {
+        /// TPM and state directory.
+        #[command(flatten)]
+        tpm: TpmArgs,
+        /// The target node's parent file (`kleidi tpm export-parent`).
+        #[arg(long)]
+        to: PathBuf,
+        /// The admin's approval for that parent (`kleidi tpm approve`).
+        #[arg(long)]
+        approval: PathBuf,
+        /// Where to write the wrapped key.
+        #[arg(long)]
+        out: PathBuf,
+        /// The key to export (default: the current one).
+        #[arg(long)]
+        key_id: Option<String>,
+    },
+    /// On the new node: import a KEK exported to it and make it current.
+    Import {
+        /// TPM and state directory.
+        #[command(flatten)]
+        tpm: TpmArgs,
+        /// The file `kleidi tpm export` wrote for this node.
+        file: PathBuf,
     },
 }
 

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use kleidi::config::{Cli, Command, Pkcs11Command, ServeArgs, TpmCommand};
+use kleidi::config::{Cli, Command, Pkcs11Command, ServeArgs};
 use kleidi::grpc::{KmsV1, KmsV2};
 use kleidi::guard::Guarded;
 use kleidi::health::Healthy;
@@ -26,7 +26,7 @@ async fn main() -> ExitCode {
             pkcs11,
             pkcs11_so_pin_file,
         }) => backend::pkcs11_init(&pkcs11, &pkcs11_so_pin_file).await,
-        Command::Tpm(TpmCommand::Init { tpm }) => backend::tpm_init(&tpm).await,
+        Command::Tpm(command) => backend::tpm_command(command).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::config::{BackendKind, Pkcs11Args, ServeArgs, TpmArgs, VaultArgs};
+use crate::config::{BackendKind, Pkcs11Args, ServeArgs, TpmArgs, TpmCommand, VaultArgs};
 use crate::service::KeyService;
 use crate::{Error, Result};
 
@@ -107,13 +107,36 @@ async fn build_tpm(args: &TpmArgs) -> Result<Arc<dyn KeyService>> {
     Ok(Arc::new(tpm::TpmBackend::connect(tpm_config(args)?).await?))
 }
 
-/// `kleidi tpm init`: a new current key; prints its key_id on stdout.
+/// `kleidi tpm …`: each command prints what it made (a key_id or a hex Name) on stdout.
 #[cfg(feature = "tpm")]
-pub async fn tpm_init(args: &TpmArgs) -> Result<()> {
-    let cfg = tpm_config(args)?;
-    let key_id = tpm::init(&cfg).await?;
-    tracing::info!(state_dir = %cfg.state_dir.display(), %key_id, "tpm init: new current key");
-    println!("{key_id}");
+pub async fn tpm_command(command: TpmCommand) -> Result<()> {
+    let printed = match command {
+        TpmCommand::Init {
+            tpm,
+            shareable: _,
+            admin_pub,
+        } => {
+            let cfg = tpm_config(&tpm)?;
+            let key_id = match admin_pub {
+                Some(admin_pub) => tpm::init_shareable(&cfg, &admin_pub).await?,
+                None => tpm::init(&cfg).await?,
+            };
+            tracing::info!(state_dir = %cfg.state_dir.display(), %key_id, "tpm init: new current key");
+            key_id
+        }
+        TpmCommand::AdminKey { out } => tpm::admin_key(&out).await?,
+        TpmCommand::ExportParent { tpm, out } => tpm::export_parent(&tpm_config(&tpm)?, &out).await?,
+        TpmCommand::Approve { admin_key, to, out } => tpm::approve(&admin_key, &to, &out).await?,
+        TpmCommand::Export {
+            tpm,
+            to,
+            approval,
+            out,
+            key_id,
+        } => tpm::export(&tpm_config(&tpm)?, key_id, &to, &approval, &out).await?,
+        TpmCommand::Import { tpm, file } => tpm::import(&tpm_config(&tpm)?, &file).await?,
+    };
+    println!("{printed}");
     Ok(())
 }
 
@@ -124,9 +147,9 @@ async fn build_tpm(_: &TpmArgs) -> Result<Arc<dyn KeyService>> {
     ))
 }
 
-/// `kleidi tpm init`.
+/// `kleidi tpm …`.
 #[cfg(not(feature = "tpm"))]
-pub async fn tpm_init(_: &TpmArgs) -> Result<()> {
+pub async fn tpm_command(_: TpmCommand) -> Result<()> {
     Err(Error::NotImplemented(
         "this build has no tpm backend (cargo feature `tpm`)".into(),
     ))

@@ -10,11 +10,14 @@ use std::str::FromStr;
 use tss_esapi::Context;
 use tss_esapi::attributes::SessionAttributesBuilder;
 use tss_esapi::constants::{CapabilityType, SessionType};
-use tss_esapi::handles::{KeyHandle, TpmHandle};
+use tss_esapi::handles::{KeyHandle, ObjectHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
-use tss_esapi::interface_types::session_handles::AuthSession;
-use tss_esapi::structures::{Auth, CapabilityData, SensitiveData, SymmetricDefinition};
+use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
+use tss_esapi::structures::{
+    Auth, CapabilityData, Digest, EccParameter, EccSignature, EncryptedSecret, Name, Nonce, Private, Public,
+    SensitiveData, Signature, SymmetricDefinition, SymmetricDefinitionObject,
+};
 use tss_esapi::tcti_ldr::TctiNameConf;
 use zeroize::Zeroizing;
 
@@ -29,6 +32,8 @@ const STALE_RANGES: [u32; 3] = [0x8000_0000, 0x0200_0000, 0x0300_0000];
 pub struct Connection {
     ctx: Context,
     primary: KeyHandle,
+    /// The primary's public area: the parent other nodes duplicate shareable KEKs to.
+    primary_public: Public,
     session: AuthSession,
     /// The loaded KEK and its key_id.
     kek: Option<(String, KeyHandle)>,
@@ -51,12 +56,12 @@ impl Connection {
         ctx.tr_set_auth(Hierarchy::Owner.into(), auth)
             .map_err(|e| classify("set owner auth", Subject::Tpm, e))?;
         let template = format::primary_template()?;
-        let primary = ctx
+        let created = ctx
             .execute_with_session(Some(AuthSession::Password), |ctx| {
                 ctx.create_primary(Hierarchy::Owner, template, None, None, None, None)
             })
-            .map_err(|e| classify("create owner primary", Subject::Tpm, e))?
-            .key_handle;
+            .map_err(|e| classify("create owner primary", Subject::Tpm, e))?;
+        let (primary, primary_public) = (created.key_handle, created.out_public);
         let session = ctx
             .start_auth_session(
                 Some(primary),
@@ -78,15 +83,21 @@ impl Connection {
         Ok(Self {
             ctx,
             primary,
+            primary_public,
             session,
             kek: None,
         })
     }
 
-    /// Creates a new KEK under the primary (TPM2_Create) and proves it loads. Nothing is stored.
-    pub fn create_kek(&mut self) -> Result<Blob> {
+    /// This TPM's storage parent (the owner primary), public part.
+    pub fn parent_public(&self) -> &Public {
+        &self.primary_public
+    }
+
+    /// Creates a new KEK from `template` under the primary (TPM2_Create) and proves it loads.
+    /// Nothing is stored.
+    pub fn create_kek(&mut self, template: Public) -> Result<Blob> {
         let (primary, session) = (self.primary, self.session);
-        let template = format::kek_template()?;
         let created = self
             .ctx
             .execute_with_session(Some(session), |ctx| {
@@ -108,7 +119,7 @@ impl Connection {
         let data = SensitiveData::try_from(seed.to_vec())
             .map_err(|_| Error::InvalidRequest(format!("{} bytes cannot be sealed", seed.len())))?;
         let session = self.session;
-        let template = format::sealed_template()?;
+        let template = format::sealed_template(kek.public.object_attributes().fixed_tpm())?;
         let created = self
             .ctx
             .execute_with_session(Some(session), |ctx| {
@@ -142,6 +153,133 @@ impl Connection {
         Ok(Zeroizing::new(data.value().to_vec()))
     }
 
+    /// TPM2_Duplicate of the shareable KEK `key_id` to `parent` (loaded as a public key only),
+    /// in a policy session that satisfies the KEK's policy with the admin's approval:
+    /// PolicyDuplicationSelect(parent) then PolicyAuthorize(approved, ticket of the admin's
+    /// signature over `approval_hash`). The TPM checks every step; this only asks.
+    pub fn duplicate(
+        &mut self,
+        key_id: &str,
+        kek: &Blob,
+        to: &Approved,
+    ) -> Result<(Private, EncryptedSecret)> {
+        let object = self.kek_handle(key_id, kek)?;
+        let verify = |e| classify("verify approval", Subject::Approval, e);
+        // swtpm holds 3 objects: primary and KEK are loaded, so the admin key and the parent take
+        // turns in the third slot.
+        let admin = self
+            .ctx
+            .load_external_public(to.admin.clone(), Hierarchy::Owner)
+            .map_err(verify)?;
+        let ticket = Digest::try_from(to.approval_hash.to_vec())
+            .map_err(|e| super::errors::library("approval hash", e))
+            .and_then(|hash| {
+                self.ctx
+                    .verify_signature(admin, hash, to.signature.clone())
+                    .map_err(verify)
+            });
+        let _ = self.ctx.flush_context(admin.into());
+        let ticket = ticket?;
+        let parent = self
+            .ctx
+            .load_external_public(to.parent.clone(), Hierarchy::Null)
+            .map_err(|e| classify("load target parent", Subject::Import, e))?;
+        let result = self.duplicate_under_policy(object.into(), parent.into(), to, ticket);
+        let _ = self.ctx.flush_context(parent.into());
+        result
+    }
+
+    fn duplicate_under_policy(
+        &mut self,
+        object: ObjectHandle,
+        parent: ObjectHandle,
+        to: &Approved,
+        ticket: tss_esapi::structures::VerifiedTicket,
+    ) -> Result<(Private, EncryptedSecret)> {
+        let refused = |e| classify("duplicate", Subject::Approval, e);
+        let session = self
+            .ctx
+            .start_auth_session(
+                None,
+                None,
+                None,
+                SessionType::Policy,
+                SymmetricDefinition::Null,
+                HashingAlgorithm::Sha256,
+            )
+            .map_err(|e| classify("start policy session", Subject::Tpm, e))?
+            .ok_or_else(|| Error::Backend("start policy session: no session returned".into()))?;
+        // continueSession: the session outlives Duplicate, so the flush below always has a target.
+        let (attributes, mask) = SessionAttributesBuilder::new()
+            .with_continue_session(true)
+            .build();
+        let policy = self
+            .ctx
+            .tr_sess_set_attributes(session, attributes, mask)
+            .map_err(|e| classify("policy session attributes", Subject::Tpm, e))
+            .and_then(|()| {
+                PolicySession::try_from(session).map_err(|e| super::errors::library("policy session", e))
+            });
+        let result = policy.and_then(|policy| {
+            let name =
+                |bytes: &[u8]| Name::try_from(bytes.to_vec()).map_err(|e| super::errors::library("name", e));
+            let (kek_name, parent_name, admin_name) =
+                (name(&to.kek_name)?, name(&to.parent_name)?, name(&to.admin_name)?);
+            let approved = Digest::try_from(to.approved.to_vec())
+                .map_err(|e| super::errors::library("approved policy", e))?;
+            let policy_ref = Nonce::try_from(super::approval::POLICY_REF.to_vec())
+                .map_err(|e| super::errors::library("policy ref", e))?;
+            self.ctx
+                .policy_duplication_select(policy, kek_name, parent_name, false)
+                .map_err(refused)?;
+            self.ctx
+                .policy_authorize(policy, approved, policy_ref, &admin_name, ticket)
+                .map_err(refused)?;
+            let (_, duplicate, seed) = self
+                .ctx
+                .execute_with_session(Some(session), |ctx| {
+                    ctx.duplicate(object, parent, None, SymmetricDefinitionObject::Null)
+                })
+                .map_err(refused)?;
+            Ok((duplicate, seed))
+        });
+        let _ = self
+            .ctx
+            .flush_context(tss_esapi::handles::SessionHandle::from(session).into());
+        result
+    }
+
+    /// TPM2_Import of a duplicated KEK under the primary; proves the result loads.
+    pub fn import(
+        &mut self,
+        key_id: &str,
+        public: Public,
+        duplicate: Private,
+        seed: EncryptedSecret,
+    ) -> Result<Blob> {
+        let (primary, session) = (self.primary, self.session);
+        let kek_public = public.clone();
+        let private = self
+            .ctx
+            .execute_with_session(Some(session), |ctx| {
+                ctx.import(
+                    primary.into(),
+                    None,
+                    public,
+                    duplicate,
+                    seed,
+                    SymmetricDefinitionObject::Null,
+                )
+            })
+            .map_err(|e| classify("import", Subject::Import, e))?;
+        let blob = Blob {
+            public: kek_public,
+            private,
+        };
+        self.kek_handle(key_id, &blob)?;
+        Ok(blob)
+    }
+
     /// The KEK `key_id`, loading it (and flushing the one loaded before) if needed.
     fn kek_handle(&mut self, key_id: &str, kek: &Blob) -> Result<KeyHandle> {
         if let Some((loaded, handle)) = &self.kek {
@@ -164,6 +302,32 @@ impl Connection {
         self.kek = Some((key_id.to_owned(), handle));
         Ok(handle)
     }
+}
+
+/// What a duplication needs, all public: the approval as the TPM checks it.
+pub struct Approved {
+    /// The admin's verification key and its Name (named by the KEK's policy).
+    pub admin: Public,
+    pub admin_name: Vec<u8>,
+    pub parent: Public,
+    pub parent_name: Vec<u8>,
+    pub kek_name: Vec<u8>,
+    /// PolicyDuplicationSelect(parent)'s digest, what the admin signed (with the policyRef).
+    pub approved: [u8; 32],
+    pub approval_hash: [u8; 32],
+    pub signature: Signature,
+}
+
+/// An r ‖ s ECDSA P-256 signature as the TPM takes it.
+pub fn ecdsa_signature(rs: &[u8]) -> Result<Signature> {
+    let (r, s) = rs
+        .split_at_checked(32)
+        .ok_or_else(|| Error::Config("the approval's signature is not 64 bytes".into()))?;
+    let param =
+        |v: &[u8]| EccParameter::try_from(v.to_vec()).map_err(|e| super::errors::library("signature", e));
+    let signature = EccSignature::create(HashingAlgorithm::Sha256, param(r)?, param(s)?)
+        .map_err(|e| super::errors::library("signature", e))?;
+    Ok(Signature::EcDsa(signature))
 }
 
 /// Best effort: a failure here shows up, classified, on the next command.

@@ -16,6 +16,11 @@ pub enum Subject<'a> {
     Ciphertext,
     /// Our KEK `key_id` (TPM2_Load from the state directory).
     Kek(&'a str),
+    /// Duplicating a shareable KEK under an admin approval (TPM2_VerifySignature,
+    /// TPM2_PolicyAuthorize, TPM2_Duplicate): a refusal means the approval does not hold.
+    Approval,
+    /// TPM2_Import of an export file under this TPM's parent.
+    Import,
     /// Anything else: the connection, the primary, sessions, TPM2_Create.
     Tpm,
 }
@@ -126,6 +131,19 @@ fn classify_rc(op: &str, subject: Subject<'_>, rc: Tss2ResponseCode) -> Error {
                      (`kleidi tpm init` makes a new one)"
                 ),
             ),
+            Subject::Approval => Error::Denied {
+                backend: BACKEND,
+                class: "approval_refused",
+                detail: format!(
+                    "{detail}: the TPM refused to duplicate the key: the approval is not signed by \
+                     the admin key this KEK names (`kleidi tpm init --shareable`), or not for this \
+                     target parent"
+                ),
+            },
+            Subject::Import => Error::Config(format!(
+                "{detail}: the TPM refused the export file: it was made for another node's parent \
+                 (`kleidi tpm export-parent` on this node), or altered"
+            )),
             _ => unavailable("tpm_error", detail),
         },
     }

@@ -2,12 +2,13 @@
 //! object templates. Everything here is checked without a TPM, before one is touched.
 
 use sha2::{Digest as _, Sha256};
-use tss_esapi::attributes::ObjectAttributesBuilder;
+use tss_esapi::attributes::{ObjectAttributes, ObjectAttributesBuilder};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::structures::{
-    EccPoint, EccScheme, KeyDerivationFunctionScheme, KeyedHashScheme, Private, Public, PublicBuilder,
-    PublicEccParametersBuilder, PublicKeyedHashParameters, SymmetricDefinitionObject,
+    Digest, EccParameter, EccPoint, EccScheme, HashScheme, KeyDerivationFunctionScheme, KeyedHashScheme,
+    Private, Public, PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters,
+    SymmetricDefinitionObject,
 };
 use tss_esapi::traits::{Marshall, UnMarshall};
 
@@ -38,12 +39,8 @@ impl Blob {
     pub fn encode(&self) -> Result<Vec<u8>> {
         let public = self.public.marshall().map_err(|e| library("marshal public", e))?;
         let mut out = Vec::with_capacity(4 + public.len() + self.private.len());
-        for part in [public.as_slice(), self.private.as_ref()] {
-            let len = u16::try_from(part.len())
-                .map_err(|_| crate::Error::Backend("a TPM object part exceeds 64 KiB".into()))?;
-            out.extend_from_slice(&len.to_be_bytes());
-            out.extend_from_slice(part);
-        }
+        put_sized(&mut out, &public)?;
+        put_sized(&mut out, &self.private)?;
         Ok(out)
     }
 
@@ -69,10 +66,20 @@ impl Blob {
     }
 }
 
-fn take_sized(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+/// Splits `u16 len ‖ bytes` off the front (the TPM's sized-buffer encoding).
+pub fn take_sized(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
     let (len, rest) = bytes.split_first_chunk::<2>()?;
     let len = usize::from(u16::from_be_bytes(*len));
     (rest.len() >= len).then(|| rest.split_at(len))
+}
+
+/// Appends `u16 len ‖ part`.
+pub fn put_sized(out: &mut Vec<u8>, part: &[u8]) -> Result<()> {
+    let len = u16::try_from(part.len())
+        .map_err(|_| crate::Error::Backend("a TPM object part exceeds 64 KiB".into()))?;
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(part);
+    Ok(())
 }
 
 /// Name of a public area with a SHA-256 name algorithm.
@@ -115,8 +122,7 @@ pub fn open_ciphertext(ciphertext: &[u8]) -> Option<Blob> {
         return None;
     }
     let blob = Blob::decode(body)?;
-    let expected = sealed_template().ok()?;
-    let same_shape = match (&blob.public, &expected) {
+    let same_shape = |expected: Public| match (&blob.public, &expected) {
         (
             Public::KeyedHash {
                 object_attributes: a,
@@ -134,7 +140,11 @@ pub fn open_ciphertext(ciphertext: &[u8]) -> Option<Blob> {
         ) => a == ea && h == eh && p.is_empty() && s == es,
         _ => false,
     };
-    same_shape.then_some(blob)
+    // Sealed under a node-bound KEK (fixedTPM) or under a shareable one (not fixedTPM).
+    let known = [true, false]
+        .into_iter()
+        .any(|fixed_tpm| sealed_template(fixed_tpm).is_ok_and(same_shape));
+    known.then_some(blob)
 }
 
 /// Owner-hierarchy primary: the TCG "SRK" shape (ECC P-256, AES-128-CFB storage key, empty unique).
@@ -150,17 +160,58 @@ pub fn kek_template() -> Result<Public> {
     storage_key_template()
 }
 
-fn storage_key_template() -> Result<Public> {
-    let attributes = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
+/// A KEK other nodes can hold (`share`): the same storage key without fixedTPM and fixedParent,
+/// so TPM2_Duplicate works on it, but only in a policy session that satisfies `auth_policy` (the
+/// DUP role always needs a policy). adminWithPolicy: no other administrative use by auth value.
+pub fn shareable_kek_template(auth_policy: Digest) -> Result<Public> {
+    let attributes = storage_key_attributes(false)?;
+    storage_key_builder(attributes)?
+        .with_auth_policy(auth_policy)
+        .build()
+        .map_err(|e| library("shareable kek template", e))
+}
+
+/// Whether `public` has exactly the shape [`shareable_kek_template`] makes (any policy, any point):
+/// what `kleidi tpm import` accepts.
+pub fn is_shareable_kek(public: &Public) -> bool {
+    let Ok(Public::Ecc {
+        object_attributes: ea,
+        name_hashing_algorithm: eh,
+        parameters: ep,
+        ..
+    }) = shareable_kek_template(Digest::default())
+    else {
+        return false;
+    };
+    matches!(public, Public::Ecc { object_attributes: a, name_hashing_algorithm: h, auth_policy: p, parameters: s, .. }
+        if *a == ea && *h == eh && *s == ep && p.len() == 32)
+}
+
+fn storage_key_attributes(fixed: bool) -> Result<ObjectAttributes> {
+    let builder = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(fixed)
+        .with_fixed_parent(fixed)
         .with_sensitive_data_origin(true)
         .with_user_with_auth(true)
         .with_no_da(true)
         .with_restricted(true)
-        .with_decrypt(true)
+        .with_decrypt(true);
+    // Without fixedTPM the key is a duplicable one: keep every other use behind its policy.
+    let builder = if fixed {
+        builder
+    } else {
+        builder.with_admin_with_policy(true)
+    };
+    builder.build().map_err(|e| library("storage key attributes", e))
+}
+
+fn storage_key_template() -> Result<Public> {
+    storage_key_builder(storage_key_attributes(true)?)?
         .build()
-        .map_err(|e| library("storage key attributes", e))?;
+        .map_err(|e| library("storage key template", e))
+}
+
+fn storage_key_builder(attributes: ObjectAttributes) -> Result<PublicBuilder> {
     let params = PublicEccParametersBuilder::new()
         .with_symmetric(SymmetricDefinitionObject::AES_128_CFB)
         .with_ecc_scheme(EccScheme::Null)
@@ -170,22 +221,48 @@ fn storage_key_template() -> Result<Public> {
         .with_restricted(true)
         .build()
         .map_err(|e| library("storage key parameters", e))?;
+    Ok(PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attributes)
+        .with_ecc_parameters(params)
+        .with_ecc_unique_identifier(EccPoint::default()))
+}
+
+/// The administrator's ECDSA P-256 verification key as the TPM sees it (TPM2_LoadExternal, public
+/// part only). Its Name, fixed by this template and the point, is what a shareable KEK's policy
+/// names; `x` and `y` are the 32-byte coordinates.
+pub fn admin_key_template(x: &[u8], y: &[u8]) -> Result<Public> {
+    let attributes = ObjectAttributesBuilder::new()
+        .with_user_with_auth(true)
+        .with_sign_encrypt(true)
+        .build()
+        .map_err(|e| library("admin key attributes", e))?;
+    let params = PublicEccParametersBuilder::new()
+        .with_symmetric(SymmetricDefinitionObject::Null)
+        .with_ecc_scheme(EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)))
+        .with_curve(EccCurve::NistP256)
+        .with_key_derivation_function_scheme(KeyDerivationFunctionScheme::Null)
+        .with_is_signing_key(true)
+        .build()
+        .map_err(|e| library("admin key parameters", e))?;
+    let point = |c: &[u8]| EccParameter::try_from(c.to_vec()).map_err(|e| library("admin key point", e));
     PublicBuilder::new()
         .with_public_algorithm(PublicAlgorithm::Ecc)
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
         .with_object_attributes(attributes)
         .with_ecc_parameters(params)
-        .with_ecc_unique_identifier(EccPoint::default())
+        .with_ecc_unique_identifier(EccPoint::new(point(x)?, point(y)?))
         .build()
-        .map_err(|e| library("storage key template", e))
+        .map_err(|e| library("admin key template", e))
 }
 
 /// A sealed data object (keyed hash, null scheme) holding one seed: no sign, no decrypt, so the TPM
-/// only ever hands its data back through TPM2_Unseal. fixedTPM/fixedParent: it loads under this KEK
-/// only; noDA for the same reason as the KEK.
-pub fn sealed_template() -> Result<Public> {
+/// only ever hands its data back through TPM2_Unseal. fixedParent: it loads under this KEK only;
+/// fixedTPM when the KEK has it (a child of a shareable KEK cannot). noDA as for the KEK.
+pub fn sealed_template(fixed_tpm: bool) -> Result<Public> {
     let attributes = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
+        .with_fixed_tpm(fixed_tpm)
         .with_fixed_parent(true)
         .with_user_with_auth(true)
         .with_no_da(true)
@@ -226,7 +303,7 @@ mod tests {
     #[test]
     fn blobs_round_trip_and_refuse_trailing_or_missing_bytes() {
         let blob = Blob {
-            public: sealed_template().unwrap(),
+            public: sealed_template(true).unwrap(),
             private: Private::try_from(vec![7u8; 40]).unwrap(),
         };
         let bytes = blob.encode().unwrap();

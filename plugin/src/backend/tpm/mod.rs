@@ -17,7 +17,8 @@
 //! re-created on every connect, never stored. The KEK (ECC P-256 storage key, fixedTPM,
 //! fixedParent, noDA) is made by `kleidi tpm init`; every init makes a new current key and keeps
 //! the older ones for Decrypt. key_id = `tpm:<hex Name>`, the Name being SHA-256 of the public
-//! area: public, stable across restarts, new for every key.
+//! area: public, stable across restarts, new for every key. `kleidi tpm init --shareable` makes a
+//! KEK that admin-approved nodes can import, wrapped TPM to TPM (`share`: design and threat model).
 //!
 //! **Sessions.** Every command that carries a seed runs in an HMAC session salted to the primary
 //! with parameter encryption, so seeds cross the bus to a discrete TPM encrypted.
@@ -36,10 +37,14 @@
 //! (or a TPM in lockout) is `Denied` and remembered: the same auth is not presented again until
 //! `--tpm-owner-auth-file` changes.
 
+mod approval;
 mod device;
 mod errors;
 mod format;
+mod share;
 mod state;
+
+pub use self::share::{admin_key, approve, export, export_parent, import, init_shareable};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -316,15 +321,19 @@ pub async fn init(cfg: &TpmConfig) -> Result<String> {
     validate(cfg)?;
     let cfg = cfg.clone();
     blocking(move || {
-        let auth = match &cfg.owner_auth_file {
-            None => Zeroizing::new(Vec::new()),
-            Some(path) => read_secret(path)?,
-        };
-        let mut conn = Connection::open(&cfg.tcti, &auth)?;
-        let kek = conn.create_kek()?;
+        let kek = open(&cfg)?.create_kek(format::kek_template()?)?;
         state::add_current(&cfg.state_dir, &kek)
     })
     .await
+}
+
+/// One connection for an administrative command (no reconnects, no remembered refusals).
+fn open(cfg: &TpmConfig) -> Result<Connection> {
+    let auth = match &cfg.owner_auth_file {
+        None => Zeroizing::new(Vec::new()),
+        Some(path) => read_secret(path)?,
+    };
+    Connection::open(&cfg.tcti, &auth)
 }
 
 fn validate(cfg: &TpmConfig) -> Result<()> {
