@@ -4,24 +4,26 @@
 //!
 //! Object slots: swtpm (and many TPMs without a resource manager) hold 3 loaded objects. This keeps
 //! the primary and one KEK loaded and loads each sealed seed only for the command that needs it.
+//! The TPM half of sharing a KEK (`share`) lives here too: TPM2_Duplicate under an admin approval,
+//! TPM2_Import under this TPM's primary.
 
 use std::str::FromStr;
 
 use tss_esapi::Context;
 use tss_esapi::attributes::SessionAttributesBuilder;
 use tss_esapi::constants::{CapabilityType, SessionType};
-use tss_esapi::handles::{KeyHandle, ObjectHandle, TpmHandle};
+use tss_esapi::handles::{KeyHandle, ObjectHandle, SessionHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
     Auth, CapabilityData, Digest, EccParameter, EccSignature, EncryptedSecret, Name, Nonce, Private, Public,
-    SensitiveData, Signature, SymmetricDefinition, SymmetricDefinitionObject,
+    SensitiveData, Signature, SymmetricDefinition, SymmetricDefinitionObject, VerifiedTicket,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
 use zeroize::Zeroizing;
 
-use super::errors::{Subject, classify, unavailable};
+use super::errors::{Subject, classify, library, unavailable};
 use super::format::{self, Blob};
 use crate::{Error, Result};
 
@@ -172,7 +174,7 @@ impl Connection {
             .load_external_public(to.admin.clone(), Hierarchy::Owner)
             .map_err(verify)?;
         let ticket = Digest::try_from(to.approval_hash.to_vec())
-            .map_err(|e| super::errors::library("approval hash", e))
+            .map_err(|e| library("approval hash", e))
             .and_then(|hash| {
                 self.ctx
                     .verify_signature(admin, hash, to.signature.clone())
@@ -183,7 +185,7 @@ impl Connection {
         let parent = self
             .ctx
             .load_external_public(to.parent.clone(), Hierarchy::Null)
-            .map_err(|e| classify("load target parent", Subject::Import, e))?;
+            .map_err(|e| classify("load target parent", Subject::Tpm, e))?;
         let result = self.duplicate_under_policy(object.into(), parent.into(), to, ticket);
         let _ = self.ctx.flush_context(parent.into());
         result
@@ -194,7 +196,7 @@ impl Connection {
         object: ObjectHandle,
         parent: ObjectHandle,
         to: &Approved,
-        ticket: tss_esapi::structures::VerifiedTicket,
+        ticket: VerifiedTicket,
     ) -> Result<(Private, EncryptedSecret)> {
         let refused = |e| classify("duplicate", Subject::Approval, e);
         let session = self
@@ -217,18 +219,15 @@ impl Connection {
             .ctx
             .tr_sess_set_attributes(session, attributes, mask)
             .map_err(|e| classify("policy session attributes", Subject::Tpm, e))
-            .and_then(|()| {
-                PolicySession::try_from(session).map_err(|e| super::errors::library("policy session", e))
-            });
+            .and_then(|()| PolicySession::try_from(session).map_err(|e| library("policy session", e)));
         let result = policy.and_then(|policy| {
-            let name =
-                |bytes: &[u8]| Name::try_from(bytes.to_vec()).map_err(|e| super::errors::library("name", e));
+            let name = |bytes: &[u8]| Name::try_from(bytes.to_vec()).map_err(|e| library("name", e));
             let (kek_name, parent_name, admin_name) =
                 (name(&to.kek_name)?, name(&to.parent_name)?, name(&to.admin_name)?);
-            let approved = Digest::try_from(to.approved.to_vec())
-                .map_err(|e| super::errors::library("approved policy", e))?;
+            let approved =
+                Digest::try_from(to.approved.to_vec()).map_err(|e| library("approved policy", e))?;
             let policy_ref = Nonce::try_from(super::approval::POLICY_REF.to_vec())
-                .map_err(|e| super::errors::library("policy ref", e))?;
+                .map_err(|e| library("policy ref", e))?;
             self.ctx
                 .policy_duplication_select(policy, kek_name, parent_name, false)
                 .map_err(refused)?;
@@ -243,9 +242,7 @@ impl Connection {
                 .map_err(refused)?;
             Ok((duplicate, seed))
         });
-        let _ = self
-            .ctx
-            .flush_context(tss_esapi::handles::SessionHandle::from(session).into());
+        let _ = self.ctx.flush_context(SessionHandle::from(session).into());
         result
     }
 
@@ -323,10 +320,9 @@ pub fn ecdsa_signature(rs: &[u8]) -> Result<Signature> {
     let (r, s) = rs
         .split_at_checked(32)
         .ok_or_else(|| Error::Config("the approval's signature is not 64 bytes".into()))?;
-    let param =
-        |v: &[u8]| EccParameter::try_from(v.to_vec()).map_err(|e| super::errors::library("signature", e));
+    let param = |v: &[u8]| EccParameter::try_from(v.to_vec()).map_err(|e| library("signature", e));
     let signature = EccSignature::create(HashingAlgorithm::Sha256, param(r)?, param(s)?)
-        .map_err(|e| super::errors::library("signature", e))?;
+        .map_err(|e| library("signature", e))?;
     Ok(Signature::EcDsa(signature))
 }
 
