@@ -24,6 +24,7 @@ pub mod rotation_under_load;
 pub mod short_token_ttl;
 pub mod three_nodes_one_plugin_killed;
 pub mod token_revoked_then_replaced;
+pub mod tpm_reset;
 
 /// Every scripted scenario (the randomized one is built from its seed: [`random::scenario`]).
 pub fn all() -> Vec<Scenario> {
@@ -42,6 +43,7 @@ pub fn all() -> Vec<Scenario> {
         backend_latency_near_call_timeout::scenario(),
         three_nodes_one_plugin_killed::scenario(),
         kek_deleted::scenario(),
+        tpm_reset::scenario(),
     ]
 }
 

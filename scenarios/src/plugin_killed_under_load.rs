@@ -9,7 +9,12 @@ use kleidi_harness::scenario::{BackendKind, Fault, Scenario, at};
 pub fn scenario() -> Scenario {
     Scenario {
         // No fault here needs the backend: it runs against any plugin too (`--plugin-command`).
-        backends: vec![BackendKind::Pkcs11, BackendKind::Vault, BackendKind::Foreign],
+        backends: vec![
+            BackendKind::Pkcs11,
+            BackendKind::Vault,
+            BackendKind::Tpm,
+            BackendKind::Foreign,
+        ],
         timeline: vec![at(5.0, Fault::KillPlugin(0)), at(9.0, Fault::StartPlugin(0))],
         length: Duration::from_secs(16),
         ..Scenario::new(

@@ -16,7 +16,7 @@ use crate::Envelope;
 use crate::apiserver::envelope::{HEALTHY_PROBE_INTERVAL, UNHEALTHY_PROBE_INTERVAL, WRITE_STATE_TTL};
 use crate::apiserver::inputs::{Clock, SeededRandom};
 use crate::apiserver::{Authority, EtcdStore, connect_unix_lazy};
-use crate::runtime::{Etcd, FaultProxy, KleidiPlugin, OpenBao, SoftHsmToken};
+use crate::runtime::{Etcd, FaultProxy, KleidiPlugin, OpenBao, SoftHsmToken, Swtpm};
 
 /// The provider name every node's EncryptionConfiguration uses.
 pub const PROVIDER: &str = "kleidi";
@@ -30,7 +30,7 @@ pub enum BackendKind {
     Pkcs11,
     /// OpenBao transit, each node through its own fault proxy.
     Vault,
-    /// TPM 2.0 (swtpm); the harness cannot start one yet.
+    /// TPM 2.0: one swtpm, one node (several nodes need the KEK enrolment wired in).
     Tpm,
     /// Any KMS v2 plugin, started by a command of the user's (`{socket}` stands for the socket
     /// path); only faults that need no control over its backend apply.
@@ -140,6 +140,15 @@ pub enum Backend {
         /// Whether kleidi's token was revoked and not replaced.
         revoked: bool,
     },
+    /// A software TPM for the one node, with its KEK made by `kleidi tpm init`.
+    Tpm {
+        /// The TPM.
+        swtpm: Box<Swtpm>,
+        /// Whether it was killed and not started again.
+        down: bool,
+        /// Whether it is paused.
+        paused: bool,
+    },
     /// Someone else's plugin: `sh -c "exec <command>"` with `{socket}` replaced.
     Foreign {
         /// The command line.
@@ -153,6 +162,7 @@ impl Backend {
         match self {
             Self::Pkcs11 { .. } => BackendKind::Pkcs11,
             Self::Vault { .. } => BackendKind::Vault,
+            Self::Tpm { .. } => BackendKind::Tpm,
             Self::Foreign { .. } => BackendKind::Foreign,
         }
     }
@@ -264,8 +274,19 @@ impl Cluster {
                     revoked: false,
                 }
             }
+            BackendKind::Tpm if spec.nodes > 1 => bail!(
+                "a {}-node TPM cluster needs each node's KEK enrolled (kleidi tpm export/import) by the \
+                 harness: not implemented yet",
+                spec.nodes
+            ),
             BackendKind::Tpm => {
-                bail!("the harness cannot start a TPM yet (its swtpm runtime, issue 10): not implemented yet")
+                let swtpm = Swtpm::start().await?;
+                swtpm.init_key(&kleidi)?;
+                Backend::Tpm {
+                    swtpm: Box::new(swtpm),
+                    down: false,
+                    paused: false,
+                }
             }
             BackendKind::Foreign => Backend::Foreign {
                 command: spec
@@ -354,6 +375,10 @@ impl Cluster {
                     .context("no proxy for this node")?;
                 (bao.kleidi_flags(&url), Vec::new())
             }
+            Backend::Tpm { swtpm, .. } => (
+                swtpm.kleidi_flags(),
+                vec![("TSS2_LOG".to_string(), "all+none".to_string())],
+            ),
             Backend::Foreign { command } => {
                 let command = command.replace("{socket}", &socket.display().to_string());
                 return KleidiPlugin::foreign(&command, socket, &log).await;

@@ -65,6 +65,14 @@ pub enum Fault {
     RotateKey,
     /// Delete the KEK for good (vault: transit key deleted).
     DeleteKey,
+    /// SIGKILL the TPM (tpm): every loaded object and session is gone; its state stays.
+    KillTpm,
+    /// Start the TPM again on its state (tpm).
+    StartTpm,
+    /// SIGSTOP the TPM (tpm).
+    PauseTpm,
+    /// SIGCONT the TPM (tpm).
+    ResumeTpm,
     /// Put a fault on node `n`'s proxy to OpenBao, or on every node's with `None` (vault).
     Proxy(Option<usize>, ProxyFault),
     /// Move the token's own directory away (pkcs11).
@@ -110,6 +118,10 @@ impl Fault {
             Self::RevokeToken => ("revoke_token", "openbao-token".into(), Breaks),
             Self::NewToken(_) => ("new_token", "openbao-token".into(), Heals),
             Self::RotateKey => (ROTATE, "kek".into(), Changes),
+            Self::KillTpm => ("kill", "tpm".into(), Breaks),
+            Self::StartTpm => ("start", "tpm".into(), Heals),
+            Self::PauseTpm => ("pause", "tpm".into(), Breaks),
+            Self::ResumeTpm => ("resume", "tpm".into(), Heals),
             Self::DeleteKey => ("delete_key", "kek".into(), Breaks),
             Self::Proxy(node, fault) => {
                 let target = node.map_or("proxy-all".into(), |n| format!("proxy-{n}"));
@@ -150,12 +162,17 @@ impl Fault {
             self,
             Self::LoseToken | Self::LoseTokenStore | Self::RestoreToken | Self::WrongPin | Self::RightPin
         );
+        let tpm_only = matches!(
+            self,
+            Self::KillTpm | Self::StartTpm | Self::PauseTpm | Self::ResumeTpm
+        );
         match backend {
-            BackendKind::Vault => !pkcs11_only,
-            BackendKind::Pkcs11 => !vault_only,
+            BackendKind::Vault => !pkcs11_only && !tpm_only,
+            BackendKind::Pkcs11 => !vault_only && !tpm_only,
+            BackendKind::Tpm => !vault_only && !pkcs11_only,
             // No control over a foreign plugin's backend: not even a rotation.
-            BackendKind::Tpm | BackendKind::Foreign => {
-                !vault_only && !pkcs11_only && !matches!(self, Self::RotateKey)
+            BackendKind::Foreign => {
+                !vault_only && !pkcs11_only && !tpm_only && !matches!(self, Self::RotateKey)
             }
         }
     }
@@ -378,6 +395,25 @@ impl Cluster {
                 }
                 _ => bail!("not a pkcs11 fault"),
             },
+            Backend::Tpm { swtpm, down, paused } => match fault {
+                Fault::KillTpm => {
+                    swtpm.kill().await?;
+                    *down = true;
+                }
+                Fault::StartTpm => {
+                    swtpm.start_again().await?;
+                    *down = false;
+                }
+                Fault::PauseTpm => {
+                    swtpm.pause()?;
+                    *paused = true;
+                }
+                Fault::ResumeTpm => {
+                    swtpm.resume()?;
+                    *paused = false;
+                }
+                _ => bail!("not a tpm fault"),
+            },
             Backend::Foreign { .. } => bail!("a foreign plugin's backend is not the harness's to break"),
         }
         Ok(())
@@ -404,6 +440,10 @@ impl Cluster {
                         node.plugin = plugin;
                     }
                 }
+            }
+            Backend::Tpm { swtpm, .. } => {
+                // `kleidi tpm init` again: a new current key; the serving plugin picks it up.
+                swtpm.init_key(&kleidi)?;
             }
             Backend::Foreign { .. } => bail!("a foreign plugin's key is not the harness's to rotate"),
         }
@@ -496,6 +536,16 @@ impl Cluster {
                 }
                 steps
             }
+            Backend::Tpm { down, paused, .. } => {
+                let mut steps = Vec::new();
+                if *paused {
+                    steps.push(Fault::ResumeTpm);
+                }
+                if *down {
+                    steps.push(Fault::StartTpm);
+                }
+                steps
+            }
             Backend::Foreign { .. } => Vec::new(),
         };
         for fault in heal {
@@ -558,7 +608,11 @@ fn fault_pairs(backend: BackendKind, nodes: usize, rng: &mut StdRng) -> (Fault, 
             (Fault::LoseToken, Some(Fault::RestoreToken)),
             (Fault::LoseTokenStore, Some(Fault::RestoreToken)),
         ],
-        BackendKind::Tpm | BackendKind::Foreign => Vec::new(),
+        BackendKind::Tpm => vec![
+            (Fault::KillTpm, Some(Fault::StartTpm)),
+            (Fault::PauseTpm, Some(Fault::ResumeTpm)),
+        ],
+        BackendKind::Foreign => Vec::new(),
     };
     let all: Vec<_> = common
         .into_iter()

@@ -308,7 +308,7 @@ fn secrets(cluster: &Cluster, plaintexts: &[Vec<u8>], seed: u64) -> Vec<Secret> 
                 });
             }
         }
-        Backend::Foreign { .. } => {}
+        Backend::Tpm { .. } | Backend::Foreign { .. } => {}
         Backend::Vault { bao, .. } => {
             if let Ok(token) = bao.kleidi_token() {
                 use secrecy::ExposeSecret;
