@@ -263,13 +263,21 @@ impl Inner {
 
     /// The version a key_id names, if it names this backend's key; anything else is not ours.
     fn version_of(&self, key_id: &str) -> Result<u64> {
-        let rest = key_id
-            .strip_prefix(&self.key_id_prefix())
-            .ok_or_else(|| Error::BadCiphertext(format!("key_id {key_id:?} names another key")))?;
+        let rest = key_id.strip_prefix(&self.key_id_prefix()).ok_or_else(|| {
+            Error::BadCiphertext(format!(
+                "key_id \"{}\" names another key",
+                crate::logging::Client(key_id)
+            ))
+        })?;
         rest.split_once(':')
             .and_then(|(version, tag)| (tag.len() == 8).then_some(version))
             .and_then(|version| version.parse().ok())
-            .ok_or_else(|| Error::BadCiphertext(format!("key_id {key_id:?} is malformed")))
+            .ok_or_else(|| {
+                Error::BadCiphertext(format!(
+                    "key_id \"{}\" is malformed",
+                    crate::logging::Client(key_id)
+                ))
+            })
     }
 }
 
