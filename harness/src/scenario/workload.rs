@@ -161,6 +161,9 @@ impl Client {
     }
 
     async fn write_key(&self, rng: &mut StdRng, key: String, seed: u64, client: usize, n: u64) {
+        // Taken before the apiserver is chosen: an op that picked an apiserver just before a cold
+        // restart must not seem to have started after it.
+        let start_ms = self.history.now_ms();
         let Some((node, envelope)) = self.node(rng) else {
             return;
         };
@@ -171,7 +174,6 @@ impl Client {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(value.clone());
-        let start_ms = self.history.now_ms();
         let outcome = match envelope.write(key.as_bytes(), &value) {
             Err(e) => Outcome::Fail { error: e.to_string() },
             Ok(stored) => {
@@ -200,6 +202,9 @@ impl Client {
     }
 
     async fn read(&self, rng: &mut StdRng) {
+        // Taken before the apiserver is chosen: an op that picked an apiserver just before a cold
+        // restart must not seem to have started after it.
+        let start_ms = self.history.now_ms();
         let Some((node, envelope)) = self.node(rng) else {
             return;
         };
@@ -208,7 +213,6 @@ impl Client {
             Some(n) => preload_key(n),
             None => key(pick),
         };
-        let start_ms = self.history.now_ms();
         let (digest, outcome) = read_one(&self.store, &envelope, &key, self.workload.op_timeout).await;
         self.record(node, Op::Read, key, digest, None, false, start_ms, outcome);
     }

@@ -153,12 +153,13 @@ impl Checker for Availability {
 /// Whether the node had read or written this key before (since its apiserver last restarted cold),
 /// so its envelope cached the seed.
 fn held_seed(history: &[Event], read: &OpRecord) -> bool {
-    let since = last_cold_restart(history, read.node, read.start_ms).unwrap_or(0);
+    // Strictly after: an op in the restart's own millisecond may have used the old apiserver.
+    let restarted = last_cold_restart(history, read.node, read.start_ms);
     history::ops(history).any(|op| {
         op.node == read.node
             && op.key == read.key
             && op.outcome.is_ok()
-            && op.start_ms >= since
+            && restarted.is_none_or(|at| op.start_ms > at)
             && op.end_ms <= read.start_ms
     })
 }
