@@ -20,36 +20,11 @@ use kleidi::backend::tpm::{self, FORMAT, TpmBackend, TpmConfig};
 use kleidi::{Encrypted, Error, KeyService};
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretSlice};
-use swtpm::Swtpm;
-
-/// One control-plane node: a TPM and kleidi's state directory.
-struct Node {
-    tpm: Swtpm,
-    state: tempfile::TempDir,
-}
+use swtpm::Node;
 
 impl Node {
-    fn new() -> Self {
-        Node {
-            tpm: Swtpm::start(),
-            state: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn config(&self) -> TpmConfig {
-        TpmConfig {
-            tcti: self.tpm.tcti(),
-            state_dir: self.state.path().join("tpm"),
-            owner_auth_file: None,
-        }
-    }
-
     async fn init(&self) -> String {
         tpm::init(&self.config()).await.unwrap()
-    }
-
-    async fn backend(&self) -> TpmBackend {
-        TpmBackend::connect(self.config()).await.unwrap()
     }
 }
 
@@ -358,7 +333,7 @@ async fn a_refused_owner_auth_is_denied_and_not_presented_again_until_the_file_c
     let node = Node::new();
     node.init().await;
     set_owner_auth(&node, b"owner-secret-7f1c");
-    let auth_file = node.state.path().join("owner-auth");
+    let auth_file = node.dir.path().join("owner-auth");
     std::fs::write(&auth_file, "not-the-owner-secret\n").unwrap();
     let cfg = TpmConfig {
         owner_auth_file: Some(auth_file.clone()),

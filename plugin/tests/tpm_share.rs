@@ -15,34 +15,13 @@ mod swtpm;
 
 use std::path::{Path, PathBuf};
 
-use kleidi::backend::tpm::{self, TpmBackend, TpmConfig};
+use kleidi::backend::tpm::{self, TpmBackend};
 use kleidi::{Encrypted, Error, KeyService};
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretSlice};
-use swtpm::Swtpm;
-
-/// One control-plane node: a TPM and kleidi's state directory.
-struct Node {
-    tpm: Swtpm,
-    dir: tempfile::TempDir,
-}
+use swtpm::Node;
 
 impl Node {
-    fn new() -> Self {
-        Node {
-            tpm: Swtpm::start(),
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn config(&self) -> TpmConfig {
-        TpmConfig {
-            tcti: self.tpm.tcti(),
-            state_dir: self.dir.path().join("tpm"),
-            owner_auth_file: None,
-        }
-    }
-
     fn file(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -52,10 +31,6 @@ impl Node {
         let out = self.file("parent");
         tpm::export_parent(&self.config(), &out).await.unwrap();
         out
-    }
-
-    async fn backend(&self) -> TpmBackend {
-        TpmBackend::connect(self.config()).await.unwrap()
     }
 }
 

@@ -114,3 +114,33 @@ impl Drop for Swtpm {
         self.kill();
     }
 }
+
+/// One control-plane node: a TPM and kleidi's state directory (`<dir>/tpm`) with room for the
+/// files a test moves between nodes.
+pub struct Node {
+    pub tpm: Swtpm,
+    pub dir: tempfile::TempDir,
+}
+
+impl Node {
+    pub fn new() -> Self {
+        Node {
+            tpm: Swtpm::start(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn config(&self) -> kleidi::backend::tpm::TpmConfig {
+        kleidi::backend::tpm::TpmConfig {
+            tcti: self.tpm.tcti(),
+            state_dir: self.dir.path().join("tpm"),
+            owner_auth_file: None,
+        }
+    }
+
+    pub async fn backend(&self) -> kleidi::backend::tpm::TpmBackend {
+        kleidi::backend::tpm::TpmBackend::connect(self.config())
+            .await
+            .unwrap()
+    }
+}
