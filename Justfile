@@ -33,13 +33,23 @@ demo: deps
     cargo build --locked -p kleidi -p kleidi-harness
     target/debug/kleidi-harness demo
 
-# Every test that needs no Docker engine: plugin, harness, and the fast scenarios (each ≤ 30 s of load).
+# Every test that needs no Docker engine: plugin, harness, and the fast scenarios (each ≤ 30 s of
+# load) on the process runtime; scenarios that need containers say SKIPPED and why.
 test: deps
-    cargo test --workspace --locked
+    KLEIDI_RUNTIME="${KLEIDI_RUNTIME:-process}" cargo test --workspace --locked
 
 # Everything: `just test` plus the slow suites and scenarios (#[ignore]d there), one 5-minute
-# randomized nemesis run (its backend drawn from the seed) and the images; what CI runs.
+# randomized nemesis run (its backend drawn from the seed) and the images; what CI runs. Scenarios
+# run in containers when a Docker engine answers, else as processes; KLEIDI_RUNTIME=process|container
+# forces one.
 e2e: deps images
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ -z "${KLEIDI_RUNTIME:-}" ]; then
+        if docker version >/dev/null 2>&1; then KLEIDI_RUNTIME=container; else KLEIDI_RUNTIME=process; fi
+    fi
+    export KLEIDI_RUNTIME
+    echo "e2e: scenarios on the ${KLEIDI_RUNTIME} runtime"
     cargo test --workspace --locked -- --include-ignored
 
 # The scenarios: `just scenarios` lists them; `just scenarios run NAME [--backend vault]`,

@@ -11,15 +11,20 @@ use kleidi_harness::scenario::Scenario;
 
 pub mod apiservers_restarted_cold;
 pub mod backend_latency_near_call_timeout;
+pub mod etcd_member_lost_under_load;
 pub mod etcd_restarted;
 pub mod hsm_token_lost_and_restored;
 pub mod kek_deleted;
+pub mod node_partitioned_from_openbao;
 pub mod openbao_blackholed;
 pub mod openbao_hung_30s;
+pub mod openbao_leader_killed_during_cold_start;
+pub mod openbao_leader_killed_under_load;
 pub mod openbao_sealed_then_unsealed;
 pub mod openbao_stopped_60s;
 pub mod plugin_killed_under_load;
 pub mod random;
+pub mod rolling_restart_of_plugins;
 pub mod rotation_under_load;
 pub mod short_token_ttl;
 pub mod three_nodes_one_plugin_killed;
@@ -44,6 +49,11 @@ pub fn all() -> Vec<Scenario> {
         three_nodes_one_plugin_killed::scenario(),
         kek_deleted::scenario(),
         tpm_reset::scenario(),
+        openbao_leader_killed_under_load::scenario(),
+        openbao_leader_killed_during_cold_start::scenario(),
+        node_partitioned_from_openbao::scenario(),
+        rolling_restart_of_plugins::scenario(),
+        etcd_member_lost_under_load::scenario(),
     ]
 }
 

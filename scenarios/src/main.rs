@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use kleidi_harness::runtime::RuntimeKind;
 use kleidi_harness::scenario::{
     BackendKind, RunOptions, Scenario, Verdict, VerdictFile, run, seed_from_env, summary_table,
 };
@@ -61,16 +62,51 @@ fn humantime_secs(s: &str) -> Result<Duration, String> {
         .map_err(|_| format!("{s:?}: expected seconds, e.g. 300s"))
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    match cli(Cli::parse()).await {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
+fn main() -> ExitCode {
+    let args = Cli::parse();
+    if let Err(e) = point_at_engine() {
+        eprintln!("kleidi-scenarios: {e:#}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("kleidi-scenarios: {e:#}");
-            ExitCode::from(2)
+            eprintln!("kleidi-scenarios: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    runtime.block_on(async {
+        tokio::select! {
+            outcome = cli(args) => match outcome {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("kleidi-scenarios: {e:#}");
+                    ExitCode::from(2)
+                }
+            },
+            // Dropping the run drops its cluster: every process is killed, every container and
+            // network removed, before the exit.
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("kleidi-scenarios: interrupted; everything the run started is removed");
+                ExitCode::from(130)
+            }
+        }
+    })
+}
+
+/// On the container runtime, points testcontainers at the API relay when the engine is older than
+/// its client. Before the async runtime starts: no other thread reads the environment yet.
+#[allow(unsafe_code)]
+fn point_at_engine() -> Result<()> {
+    let (runtime, _) = RuntimeKind::choose()?;
+    if runtime == RuntimeKind::Container {
+        if let Some(host) = kleidi_harness::images::engine::docker_host()? {
+            // SAFETY: single-threaded here (the relay thread never reads the environment).
+            unsafe { std::env::set_var("DOCKER_HOST", host) };
         }
     }
+    Ok(())
 }
 
 /// Whether every run was valid.
@@ -122,12 +158,12 @@ async fn cli(cli: Cli) -> Result<bool> {
             .collect(),
         Command::Random { length, backend } => {
             let seed = seed_from_env()?;
-            let template = kleidi_scenarios::random::scenario(BackendKind::Vault, seed, length);
+            let opts = RunOptions::from_env()?;
+            let template = kleidi_scenarios::random::scenario(BackendKind::Vault, opts.runtime, seed, length);
             let backends = pick(&template, &backend)?;
             let mut verdicts = Vec::new();
-            let opts = RunOptions::from_env()?;
             for b in backends {
-                let s = kleidi_scenarios::random::scenario(b, seed, length);
+                let s = kleidi_scenarios::random::scenario(b, opts.runtime, seed, length);
                 verdicts.push(run(&s, b, seed, &opts).await?);
             }
             return Ok(report(&verdicts));

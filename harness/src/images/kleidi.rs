@@ -21,7 +21,7 @@ pub const NAME: &str = "kleidi";
 /// Its tag: the workspace version, as the static pod names it.
 pub const TAG: &str = env!("CARGO_PKG_VERSION");
 /// The socket directory inside the container.
-const SOCKET_DIR: &str = "/run/kleidi";
+pub const SOCKET_DIR: &str = "/run/kleidi";
 
 /// The SoftHSM token set-up, then `kleidi serve` with `$KLEIDI_BACKEND_ARGS`.
 const PKCS11_INIT: &str = "mkdir -p /etc/kleidi /var/lib/softhsm/tokens && printf '%s\\n' \"$SOFTHSM_CONF\" >/etc/kleidi/softhsm2.conf \
@@ -79,6 +79,13 @@ impl KleidiImage {
         );
         self.env.retain(|(k, _)| k != "KLEIDI_BACKEND_ARGS");
         self.env.push(("KLEIDI_BACKEND_ARGS".into(), args.join(" ")));
+        self
+    }
+
+    /// One more environment variable for `kleidi serve` (`SOFTHSM2_CONF`, `TSS2_LOG`, …).
+    pub fn with_env(mut self, key: &str, value: &str) -> Self {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.into(), value.into()));
         self
     }
 }

@@ -1,15 +1,18 @@
 //! Starting and stopping the real components a run needs — etcd, a SoftHSM token, OpenBao,
 //! `kleidi serve`, a TCP fault proxy — as local processes (or tasks) on 127.0.0.1 with their own
-//! temp dirs, and the fault verbs on their handles (stop, kill, restart, pause, resume; OpenBao's
+//! temp dirs, or in [`container`]s on the run's own Docker network ([`RuntimeKind`] picks), and the
+//! fault verbs on their handles (stop, kill, restart, pause, resume; OpenBao's
 //! seal, token and key verbs; the proxy's faults). Everything started is stopped on drop, also on
 //! panic. What the components are for (envelope, audit) lives elsewhere.
 
 mod bao_client;
+pub mod container;
 mod etcd;
 mod kleidi;
 mod openbao;
 mod process;
 mod proxy;
+mod select;
 mod softhsm;
 mod swtpm;
 
@@ -19,6 +22,7 @@ pub use kleidi::{KleidiPlugin, kleidi_bin};
 pub use openbao::{KLEIDI_POLICY, OpenBao, OpenBaoSpec, TokenLease};
 pub use process::Process;
 pub use proxy::{Direction, Fault, FaultProxy, ProxyStats};
+pub use select::{RUNTIME_ENV, RuntimeKind};
 pub use softhsm::SoftHsmToken;
 pub use swtpm::Swtpm;
 

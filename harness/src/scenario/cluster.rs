@@ -1,8 +1,10 @@
-//! The simulated control plane a scenario runs on: one etcd, one key backend (a SoftHSM token, or an
-//! OpenBao server with a fault proxy per node), and `N` nodes, each a `kleidi serve` process on its
-//! own socket beside its own [`Envelope`] (the apiserver's KMS v2 role, probing on upstream's
-//! schedule, compressed by [`Timing`]). Everything is a local process on 127.0.0.1; the fault verbs
-//! live in [`super::fault`], the workload in [`super::workload`].
+//! The simulated control plane a scenario runs on: etcd, one key backend (a SoftHSM token, an
+//! OpenBao server, a TPM) and `N` nodes, each a `kleidi serve` on its own socket beside its own
+//! [`Envelope`] (the apiserver's KMS v2 role, probing on upstream's schedule, compressed by
+//! [`Timing`]). On the process runtime everything is a local process on 127.0.0.1 (one etcd, one
+//! OpenBao behind a fault proxy per node); on the container runtime etcd is three members, OpenBao a
+//! three-node Raft cluster and each node's plugin a container, all on the run's own network
+//! ([`super::handles`]). The fault verbs live in [`super::fault`], the workload in [`super::workload`].
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -10,13 +12,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use super::handles::{Bao, EtcdPart, Plugin, unsupported};
 use super::history::History;
 use super::recorder::Recording;
 use crate::Envelope;
 use crate::apiserver::envelope::{HEALTHY_PROBE_INTERVAL, UNHEALTHY_PROBE_INTERVAL, WRITE_STATE_TTL};
 use crate::apiserver::inputs::{Clock, SeededRandom};
 use crate::apiserver::{Authority, EtcdStore, connect_unix_lazy};
-use crate::runtime::{Etcd, FaultProxy, KleidiPlugin, OpenBao, SoftHsmToken, Swtpm};
+use crate::runtime::container::etcd_cluster::EtcdCluster;
+use crate::runtime::container::kleidi_node::{KleidiNode, KleidiNodeSpec};
+use crate::runtime::container::openbao_raft::OpenBaoRaft;
+use crate::runtime::{Etcd, FaultProxy, KleidiPlugin, OpenBao, RuntimeKind, SoftHsmToken, Swtpm};
 
 /// The provider name every node's EncryptionConfiguration uses.
 pub const PROVIDER: &str = "kleidi";
@@ -125,11 +131,12 @@ pub enum Backend {
         /// The PIN file's good content while a wrong one is in place.
         saved_pin: Option<Vec<u8>>,
     },
-    /// One OpenBao server; node `i` reaches it through `proxies[i]`.
+    /// OpenBao; on the process runtime node `i` reaches it through `proxies[i]`, on the container
+    /// runtime every node lists the three Raft nodes' addresses (no proxies).
     Vault {
-        /// The server.
-        bao: Box<OpenBao>,
-        /// One fault proxy per node.
+        /// The server(s).
+        bao: Bao,
+        /// One fault proxy per node (process runtime).
         proxies: Vec<FaultProxy>,
         /// Whether the server is paused (SIGSTOP).
         paused: bool,
@@ -172,8 +179,8 @@ impl Backend {
 pub struct Node {
     /// 0-based.
     pub index: usize,
-    /// `kleidi serve`; `None` never (a stopped plugin keeps its handle).
-    pub plugin: KleidiPlugin,
+    /// `kleidi serve` (a stopped plugin keeps its handle).
+    pub plugin: Plugin,
     /// Whether the plugin is paused.
     pub paused: bool,
     /// Whether the harness stopped or killed the plugin (a watcher tells these from crashes).
@@ -187,7 +194,7 @@ pub struct Node {
 impl Node {
     /// The plugin's socket.
     pub fn socket(&self) -> &Path {
-        &self.plugin.socket
+        self.plugin.socket()
     }
 
     /// The plugin's log.
@@ -213,6 +220,8 @@ pub struct ClusterSpec {
     pub seed: u64,
     /// Where process logs and sockets go.
     pub dir: PathBuf,
+    /// Local processes or containers.
+    pub runtime: RuntimeKind,
 }
 
 /// The envelopes the workload uses; replaced one by one on a cold apiserver restart.
@@ -223,7 +232,7 @@ pub struct Cluster {
     /// The run's history.
     pub history: History,
     /// etcd.
-    pub etcd: Etcd,
+    pub etcd: EtcdPart,
     /// A raw etcd client.
     pub store: EtcdStore,
     /// The key backend.
@@ -236,6 +245,10 @@ pub struct Cluster {
     pub etcd_down: bool,
     /// Whether etcd is paused.
     pub etcd_paused: bool,
+    /// etcd members lost (container runtime).
+    pub etcd_lost: Vec<usize>,
+    /// The run's Docker network (container runtime).
+    pub network: Option<String>,
     spec: ClusterSpec,
     kleidi: PathBuf,
     clock: Arc<ScaledClock>,
@@ -247,7 +260,20 @@ impl Cluster {
     /// Starts etcd, the backend and every node (plugin + envelope with its first probe done).
     pub async fn start(spec: ClusterSpec, kleidi: PathBuf, history: History) -> Result<Self> {
         std::fs::create_dir_all(&spec.dir)?;
-        let etcd = Etcd::start().await?;
+        let network = match spec.runtime {
+            RuntimeKind::Process => None,
+            RuntimeKind::Container => {
+                if spec.backend == BackendKind::Tpm {
+                    return Err(unsupported("tpm backend", "the nodes", spec.runtime)
+                        .context("a swtpm container per node is not wired into the cluster yet"));
+                }
+                Some(crate::images::network_name())
+            }
+        };
+        let etcd = match &network {
+            None => EtcdPart::Process(Box::new(Etcd::start().await?)),
+            Some(net) => EtcdPart::Cluster(Box::new(EtcdCluster::launch(net, 3).await?)),
+        };
         let store = etcd.client().await?;
         let backend = match spec.backend {
             BackendKind::Pkcs11 => {
@@ -260,13 +286,19 @@ impl Cluster {
                 }
             }
             BackendKind::Vault => {
-                let bao = OpenBao::start().await?;
-                let mut proxies = Vec::new();
-                for _ in 0..spec.nodes {
-                    proxies.push(FaultProxy::start(bao.listen_addr()).await?);
-                }
+                let (bao, proxies) = match &network {
+                    None => {
+                        let bao = OpenBao::start().await?;
+                        let mut proxies = Vec::new();
+                        for _ in 0..spec.nodes {
+                            proxies.push(FaultProxy::start(bao.listen_addr()).await?);
+                        }
+                        (Bao::Process(Box::new(bao)), proxies)
+                    }
+                    Some(net) => (Bao::Raft(Box::new(OpenBaoRaft::launch(net).await?)), Vec::new()),
+                };
                 Backend::Vault {
-                    bao: Box::new(bao),
+                    bao,
                     proxies,
                     paused: false,
                     down: false,
@@ -308,6 +340,8 @@ impl Cluster {
             apiservers: Arc::new(RwLock::new(Vec::new())),
             etcd_down: false,
             etcd_paused: false,
+            etcd_lost: Vec::new(),
+            network,
             spec,
             kleidi,
             clock,
@@ -316,7 +350,7 @@ impl Cluster {
         for index in 0..cluster.spec.nodes {
             let plugin = cluster.launch_plugin(index).await?;
             let dir = cluster.spec.dir.join(format!("node-{index}"));
-            let envelope = cluster.new_envelope(index, &plugin.socket, 0)?;
+            let envelope = cluster.new_envelope(index, plugin.socket(), 0)?;
             let prober = cluster.start_prober(envelope.clone()).await;
             cluster.apiservers_mut().push(envelope);
             cluster.nodes.push(Node {
@@ -330,6 +364,11 @@ impl Cluster {
             });
         }
         Ok(cluster)
+    }
+
+    /// The runtime it runs on.
+    pub fn runtime(&self) -> RuntimeKind {
+        self.spec.runtime
     }
 
     /// The spec it was started with.
@@ -353,48 +392,73 @@ impl Cluster {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Starts node `index`'s plugin with the backend's current flags.
-    pub(crate) async fn launch_plugin(&self, index: usize) -> Result<KleidiPlugin> {
+    /// Starts node `index`'s plugin with the backend's current flags: a local process, or a
+    /// container on the run's network (a foreign plugin is always the user's own process).
+    pub(crate) async fn launch_plugin(&self, index: usize) -> Result<Plugin> {
         let dir = self.spec.dir.join(format!("node-{index}"));
         std::fs::create_dir_all(&dir)?;
-        let socket = self.sockets.path().join(format!("node-{index}.sock"));
+        // A directory per node: a container mounts its socket's directory.
+        let socket_dir = self.sockets.path().join(format!("node-{index}"));
+        std::fs::create_dir_all(&socket_dir)?;
+        let socket = socket_dir.join("kms.sock");
         let log = dir.join("kleidi.log");
+        let mut mounts = Vec::new();
         let (mut args, env) = match &self.backend {
             Backend::Pkcs11 { token, key_label, .. } => {
                 let mut args = vec!["--backend".to_string(), "pkcs11".into()];
                 args.extend(token.flags(key_label));
+                mounts.push(token.dir().to_path_buf());
                 (
                     args,
                     vec![("SOFTHSM2_CONF".to_string(), token.conf().display().to_string())],
                 )
             }
-            Backend::Vault { bao, proxies, .. } => {
-                let url = proxies
-                    .get(index)
-                    .map(FaultProxy::url)
-                    .context("no proxy for this node")?;
-                (bao.kleidi_flags(&url), Vec::new())
-            }
+            Backend::Vault { bao, proxies, .. } => match bao {
+                Bao::Process(bao) => {
+                    let url = proxies
+                        .get(index)
+                        .map(FaultProxy::url)
+                        .context("no proxy for this node")?;
+                    (bao.kleidi_flags(&url), Vec::new())
+                }
+                Bao::Raft(raft) => {
+                    // The token file's directory at its host path; every node's address by name.
+                    mounts.push(raft.token_dir().to_path_buf());
+                    (raft.host_kleidi_flags(&raft.network_urls()), Vec::new())
+                }
+            },
             Backend::Tpm { swtpm, .. } => (
                 swtpm.kleidi_flags(),
                 vec![("TSS2_LOG".to_string(), "all+none".to_string())],
             ),
             Backend::Foreign { command } => {
                 let command = command.replace("{socket}", &socket.display().to_string());
-                return KleidiPlugin::foreign(&command, socket, &log).await;
+                return Ok(Plugin::Process(Box::new(
+                    KleidiPlugin::foreign(&command, socket, &log).await?,
+                )));
             }
         };
         args.extend(self.spec.timing.kleidi_flags());
-        let extra: Vec<&str> = self.spec.kleidi_flags.iter().map(String::as_str).collect();
-        KleidiPlugin::launch(
-            &self.kleidi,
-            socket,
-            std::mem::take(&mut args),
-            &env,
-            &log,
-            &extra,
-        )
-        .await
+        args.extend(self.spec.kleidi_flags.iter().cloned());
+        match &self.network {
+            None => Ok(Plugin::Process(Box::new(
+                KleidiPlugin::launch(&self.kleidi, socket, std::mem::take(&mut args), &env, &log, &[])
+                    .await?,
+            ))),
+            Some(network) => {
+                let spec = KleidiNodeSpec {
+                    network: network.clone(),
+                    // Unique: a rotation starts a node's new container before the old one is removed.
+                    name: format!("{network}-kleidi-{index}-{}", uuid::Uuid::new_v4().simple()),
+                    kleidi: self.kleidi.clone(),
+                    socket_dir,
+                    args,
+                    env,
+                    mounts,
+                };
+                Ok(Plugin::Container(Box::new(KleidiNode::start(&spec).await?)))
+            }
+        }
     }
 
     /// A fresh envelope for node `index` (an apiserver process with an empty cache), recording its
@@ -438,7 +502,7 @@ impl Cluster {
         let node = self.nodes.get_mut(index).context("no such node")?;
         node.prober.abort();
         node.generation += 1;
-        let (socket, generation) = (node.plugin.socket.clone(), node.generation);
+        let (socket, generation) = (node.plugin.socket().to_path_buf(), node.generation);
         let envelope = self.new_envelope(index, &socket, generation)?;
         let prober = self.start_prober(envelope.clone()).await;
         if let Some(slot) = self.apiservers_mut().get_mut(index) {
@@ -456,7 +520,7 @@ impl Cluster {
         let node = self.nodes.get(index).context("no such node")?;
         // Its own randomness stream, apart from every generation the node has had.
         let envelope =
-            self.new_envelope(index, &node.plugin.socket, u64::from(u32::MAX) + node.generation)?;
+            self.new_envelope(index, node.plugin.socket(), u64::from(u32::MAX) + node.generation)?;
         let _ = envelope.refresh().await;
         Ok(envelope)
     }
@@ -485,16 +549,32 @@ impl Cluster {
         }
     }
 
-    /// Every process log of the run: (name, path).
-    pub fn logs(&self) -> Vec<(String, PathBuf)> {
-        let mut logs: Vec<(String, PathBuf)> = self
-            .nodes
-            .iter()
-            .map(|n| (format!("kleidi-{}", n.index), n.log()))
-            .collect();
-        logs.push(("etcd".into(), self.etcd.process.log_path().to_path_buf()));
+    /// Every log of the run so far: (name, contents): each plugin's, etcd's (each member's), OpenBao's.
+    pub async fn logs(&self) -> Vec<(String, Vec<u8>)> {
+        let mut logs = Vec::new();
+        for node in &self.nodes {
+            let contents = match &node.plugin {
+                // A process appends to its log file across restarts.
+                Plugin::Process(_) => std::fs::read(node.log()).unwrap_or_default(),
+                Plugin::Container(_) => node.plugin.logs().await.unwrap_or_default(),
+            };
+            logs.push((format!("kleidi-{}", node.index), contents));
+        }
+        logs.extend(self.etcd.logs().await);
         if let Backend::Vault { bao, .. } = &self.backend {
-            logs.push(("openbao".into(), bao.dir().join("openbao.log")));
+            match bao {
+                Bao::Process(bao) => logs.push((
+                    "openbao".into(),
+                    std::fs::read(bao.dir().join("openbao.log")).unwrap_or_default(),
+                )),
+                Bao::Raft(raft) => {
+                    for i in 0..raft.len() {
+                        if let Ok(handle) = raft.handle(i) {
+                            logs.push((format!("openbao-{i}"), handle.logs().await.unwrap_or_default()));
+                        }
+                    }
+                }
+            }
         }
         logs
     }

@@ -10,8 +10,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::cluster::{Backend, BackendKind, Cluster};
+use super::handles::Bao;
 use super::history::{ALL, Effect, Event, ExitRecord, FaultRecord, ROTATE, Role};
-use crate::runtime::{Fault as ProxyFault, TokenLease};
+use crate::runtime::{Fault as ProxyFault, RuntimeKind, TokenLease};
 
 /// One fault (or heal) a scenario can put on its timeline.
 #[derive(Clone, Debug, PartialEq)]
@@ -73,8 +74,22 @@ pub enum Fault {
     PauseTpm,
     /// SIGCONT the TPM (tpm).
     ResumeTpm,
-    /// Put a fault on node `n`'s proxy to OpenBao, or on every node's with `None` (vault).
+    /// Put a fault on node `n`'s proxy to OpenBao, or on every node's with `None` (vault, process
+    /// runtime).
     Proxy(Option<usize>, ProxyFault),
+    /// Take node `n`'s plugin off the run's network: no backend reachable, its socket still
+    /// answers the apiserver (container runtime).
+    Partition(usize),
+    /// Put node `n`'s plugin back on the network (container runtime).
+    HealPartition(usize),
+    /// SIGKILL OpenBao's Raft leader; the others elect a new one (vault, container runtime).
+    KillBackendLeader,
+    /// Start the OpenBao nodes that are down: they come back sealed (vault, container runtime).
+    StartBackendSealed,
+    /// SIGKILL etcd member `i`; the other two keep quorum (container runtime).
+    LoseEtcdMember(usize),
+    /// Start etcd member `i` again on its data (container runtime).
+    RestoreEtcdMember(usize),
     /// Move the token's own directory away (pkcs11).
     LoseToken,
     /// Move the whole `directories.tokendir` away (pkcs11).
@@ -132,6 +147,12 @@ impl Fault {
                 };
                 ("proxy", target, effect)
             }
+            Self::Partition(n) => ("partition", plugin(n), Breaks),
+            Self::HealPartition(n) => ("heal_partition", plugin(n), Heals),
+            Self::KillBackendLeader => ("kill_leader", "openbao".into(), Breaks),
+            Self::StartBackendSealed => ("start_sealed", "openbao".into(), Changes),
+            Self::LoseEtcdMember(i) => ("kill", format!("etcd-{i}"), Changes),
+            Self::RestoreEtcdMember(i) => ("start", format!("etcd-{i}"), Changes),
             Self::LoseToken => ("lose_token_dir", "hsm".into(), Breaks),
             Self::LoseTokenStore => ("lose_token_store", "hsm".into(), Breaks),
             Self::RestoreToken => ("restore", "hsm".into(), Heals),
@@ -157,6 +178,8 @@ impl Fault {
                 | Self::NewToken(_)
                 | Self::DeleteKey
                 | Self::Proxy(..)
+                | Self::KillBackendLeader
+                | Self::StartBackendSealed
         );
         let pkcs11_only = matches!(
             self,
@@ -174,6 +197,26 @@ impl Fault {
             BackendKind::Foreign => {
                 !vault_only && !pkcs11_only && !tpm_only && !matches!(self, Self::RotateKey)
             }
+        }
+    }
+}
+
+impl Fault {
+    /// Whether `runtime` can do this verb: a network partition, a Raft leader and etcd members
+    /// exist only in containers; the fault proxy sits between host processes only.
+    pub fn runs_on(&self, runtime: RuntimeKind) -> bool {
+        let container_only = matches!(
+            self,
+            Self::Partition(_)
+                | Self::HealPartition(_)
+                | Self::KillBackendLeader
+                | Self::StartBackendSealed
+                | Self::LoseEtcdMember(_)
+                | Self::RestoreEtcdMember(_)
+        );
+        match runtime {
+            RuntimeKind::Process => !container_only,
+            RuntimeKind::Container => !matches!(self, Self::Proxy(..)),
         }
     }
 }
@@ -206,6 +249,12 @@ impl Cluster {
                 backend.name()
             );
         }
+        if !fault.runs_on(self.runtime()) {
+            bail!(
+                "{verb} on {target}: not supported by the {} runtime",
+                self.runtime().name()
+            );
+        }
         let detail = self
             .act(fault)
             .await
@@ -225,7 +274,7 @@ impl Cluster {
             Fault::KillPlugin(n) => {
                 let node = self.nodes.get_mut(*n).context("no such node")?;
                 node.down = true;
-                node.plugin.process.kill().await?;
+                node.plugin.kill().await?;
                 self.history.record(Event::Exit(ExitRecord {
                     at_ms: self.history.now_ms(),
                     process: format!("plugin-{n}"),
@@ -238,7 +287,7 @@ impl Cluster {
             Fault::StopPlugin(n) => {
                 let node = self.nodes.get_mut(*n).context("no such node")?;
                 node.down = true;
-                let code = node.plugin.process.stop(Duration::from_secs(5)).await?;
+                let code = node.plugin.stop(Duration::from_secs(5)).await?;
                 self.history.record(Event::Exit(ExitRecord {
                     at_ms: self.history.now_ms(),
                     process: format!("plugin-{n}"),
@@ -251,13 +300,33 @@ impl Cluster {
             Fault::StartPlugin(n) => self.start_plugin(*n).await?,
             Fault::PausePlugin(n) => {
                 let node = self.nodes.get_mut(*n).context("no such node")?;
-                node.plugin.process.pause()?;
+                node.plugin.pause().await?;
                 node.paused = true;
             }
             Fault::ResumePlugin(n) => {
                 let node = self.nodes.get_mut(*n).context("no such node")?;
-                node.plugin.process.resume()?;
+                node.plugin.resume().await?;
                 node.paused = false;
+            }
+            Fault::Partition(n) => {
+                let node = self.nodes.get(*n).context("no such node")?;
+                node.plugin
+                    .disconnect(self.network.as_deref(), &format!("plugin-{n}"))
+                    .await?;
+            }
+            Fault::HealPartition(n) => {
+                let node = self.nodes.get(*n).context("no such node")?;
+                node.plugin
+                    .connect(self.network.as_deref(), &format!("plugin-{n}"))
+                    .await?;
+            }
+            Fault::LoseEtcdMember(i) => {
+                self.etcd.lose_member(*i).await?;
+                self.etcd_lost.push(*i);
+            }
+            Fault::RestoreEtcdMember(i) => {
+                self.etcd.restore_member(*i).await?;
+                self.etcd_lost.retain(|m| m != i);
             }
             Fault::UnlinkSocket(n) => {
                 let node = self.nodes.get(*n).context("no such node")?;
@@ -269,29 +338,32 @@ impl Cluster {
                     self.restart_apiserver(n).await?;
                 }
             }
-            Fault::RestartEtcd => {
-                self.etcd.process.kill().await?;
-                self.etcd.process.start()?;
-                self.etcd.wait_ready(Duration::from_secs(20)).await?;
-            }
+            Fault::RestartEtcd => self.etcd.restart().await?,
             Fault::StopEtcd => {
-                self.etcd.process.stop(Duration::from_secs(10)).await?;
+                self.etcd.stop().await?;
                 self.etcd_down = true;
             }
             Fault::StartEtcd => {
-                self.etcd.process.start()?;
-                self.etcd.wait_ready(Duration::from_secs(20)).await?;
+                self.etcd.start().await?;
                 self.etcd_down = false;
             }
             Fault::PauseEtcd => {
-                self.etcd.process.pause()?;
+                self.etcd.pause().await?;
                 self.etcd_paused = true;
             }
             Fault::ResumeEtcd => {
-                self.etcd.process.resume()?;
+                self.etcd.resume().await?;
                 self.etcd_paused = false;
             }
             Fault::RotateKey => return self.rotate().await.map(Some),
+            Fault::KillBackendLeader => {
+                let Backend::Vault { bao, down, .. } = &mut self.backend else {
+                    bail!("no OpenBao in this cluster");
+                };
+                let leader = bao.kill_leader().await?;
+                *down = true;
+                return Ok(Some(format!("openbao-{leader} was the leader")));
+            }
             _ => self.act_on_backend(fault).await?,
         }
         Ok(None)
@@ -299,10 +371,10 @@ impl Cluster {
 
     async fn start_plugin(&mut self, n: usize) -> Result<()> {
         let node = self.nodes.get_mut(n).context("no such node")?;
-        if node.plugin.process.is_running() {
+        if node.plugin.is_running().await {
             return Ok(());
         }
-        node.plugin.restart().await?;
+        node.plugin.start().await?;
         node.down = false;
         Ok(())
     }
@@ -326,15 +398,19 @@ impl Cluster {
                     *down = true;
                 }
                 Fault::StartBackend => {
-                    bao.restart_and_unseal().await?;
+                    bao.start_and_unseal().await?;
                     (*down, *sealed) = (false, false);
                 }
+                Fault::StartBackendSealed => {
+                    bao.start_sealed().await?;
+                    (*down, *sealed) = (false, true);
+                }
                 Fault::PauseBackend => {
-                    bao.pause()?;
+                    bao.pause().await?;
                     *paused = true;
                 }
                 Fault::ResumeBackend => {
-                    bao.resume()?;
+                    bao.resume().await?;
                     *paused = false;
                 }
                 Fault::Seal => {
@@ -354,6 +430,9 @@ impl Cluster {
                     *revoked = false;
                 }
                 Fault::DeleteKey => bao.delete_key().await?,
+                Fault::Proxy(_, _) if !matches!(bao, Bao::Process(_)) => {
+                    bail!("proxy faults need the process runtime's fault proxies")
+                }
                 Fault::Proxy(node, proxy_fault) => match node {
                     Some(n) => proxies.get(*n).context("no such proxy")?.set(*proxy_fault),
                     None => proxies.iter().for_each(|p| p.set(*proxy_fault)),
@@ -472,9 +551,11 @@ impl Cluster {
             .key_id)
     }
 
-    async fn launch_plugin_after_stop(&mut self, n: usize) -> Result<crate::runtime::KleidiPlugin> {
+    /// The old plugin stopped and a new one launched (a container: a new one; the old is removed
+    /// when the caller replaces its handle).
+    async fn launch_plugin_after_stop(&mut self, n: usize) -> Result<super::handles::Plugin> {
         let node = self.nodes.get_mut(n).context("no such node")?;
-        node.plugin.process.stop(Duration::from_secs(5)).await?;
+        node.plugin.stop(Duration::from_secs(5)).await?;
         self.launch_plugin(n).await
     }
 
@@ -483,21 +564,29 @@ impl Cluster {
         for n in 0..self.nodes.len() {
             let node = self.nodes.get_mut(n).context("no such node")?;
             if node.paused {
-                node.plugin.process.resume()?;
+                node.plugin.resume().await?;
                 node.paused = false;
             }
-            if !node.plugin.process.is_running() || !node.socket().exists() {
-                let _ = node.plugin.process.kill().await;
+            if !node.plugin.is_running().await || !node.socket().exists() {
+                let _ = node.plugin.kill().await;
                 self.start_plugin(n).await?;
+            }
+            if let Some(network) = self.network.clone() {
+                // Idempotent: reconnecting a node already on the network is refused and ignored.
+                let node = self.nodes.get(n).context("no such node")?;
+                let _ = node.plugin.connect(Some(&network), &format!("plugin-{n}")).await;
             }
         }
         if self.etcd_paused {
-            self.etcd.process.resume()?;
+            self.etcd.resume().await?;
             self.etcd_paused = false;
         }
-        if self.etcd_down || !self.etcd.process.is_running() {
-            self.etcd.process.start()?;
-            self.etcd.wait_ready(Duration::from_secs(20)).await?;
+        for member in std::mem::take(&mut self.etcd_lost) {
+            self.etcd.restore_member(member).await?;
+        }
+        if self.etcd_down || self.etcd.runtime() == RuntimeKind::Process {
+            // start() is a no-op wait on a running process; it starts a stopped one.
+            self.etcd.start().await?;
             self.etcd_down = false;
         }
         let heal = match &self.backend {
@@ -506,6 +595,7 @@ impl Cluster {
                 down,
                 sealed,
                 revoked,
+                proxies,
                 ..
             } => {
                 let mut steps = Vec::new();
@@ -523,7 +613,9 @@ impl Cluster {
                         max: Duration::from_secs(24 * 3600),
                     }));
                 }
-                steps.push(Fault::Proxy(None, ProxyFault::Pass));
+                if !proxies.is_empty() {
+                    steps.push(Fault::Proxy(None, ProxyFault::Pass));
+                }
                 steps
             }
             Backend::Pkcs11 { lost, saved_pin, .. } => {
@@ -562,16 +654,15 @@ impl Cluster {
     }
 
     /// Records any plugin that exited without the harness stopping it (a crash, a panic).
-    pub fn watch_exits(&mut self) {
+    pub async fn watch_exits(&mut self) {
         for node in &mut self.nodes {
-            if let Some(status) = node.plugin.process.try_exit() {
-                use std::os::unix::process::ExitStatusExt;
+            if let Some(exit) = node.plugin.try_exit(node.down).await {
                 self.history.record(Event::Exit(ExitRecord {
                     at_ms: self.history.now_ms(),
                     process: format!("plugin-{}", node.index),
                     role: Role::Plugin,
-                    code: status.code(),
-                    signal: status.signal(),
+                    code: exit.code,
+                    signal: exit.signal,
                     by_harness: node.down,
                 }));
                 node.down = true;
@@ -580,8 +671,13 @@ impl Cluster {
     }
 }
 
-/// What the randomized nemesis may draw for `backend`: (break, heal) pairs.
-fn fault_pairs(backend: BackendKind, nodes: usize, rng: &mut StdRng) -> (Fault, Option<Fault>) {
+/// What the randomized nemesis may draw for `backend` on `runtime`: (break, heal) pairs.
+fn fault_pairs(
+    backend: BackendKind,
+    runtime: RuntimeKind,
+    nodes: usize,
+    rng: &mut StdRng,
+) -> (Fault, Option<Fault>) {
     let n = rng.random_range(0..nodes.max(1));
     let common = [
         (Fault::KillPlugin(n), Some(Fault::StartPlugin(n))),
@@ -589,12 +685,15 @@ fn fault_pairs(backend: BackendKind, nodes: usize, rng: &mut StdRng) -> (Fault, 
         (Fault::RestartApiserver(n), None),
         (Fault::RestartEtcd, None),
         (Fault::RotateKey, None),
+        (Fault::Partition(n), Some(Fault::HealPartition(n))),
+        (Fault::LoseEtcdMember(n), Some(Fault::RestoreEtcdMember(n))),
     ];
     let specific: Vec<(Fault, Option<Fault>)> = match backend {
         BackendKind::Vault => vec![
             (Fault::KillBackend, Some(Fault::StartBackend)),
             (Fault::PauseBackend, Some(Fault::ResumeBackend)),
             (Fault::Seal, Some(Fault::Unseal)),
+            (Fault::KillBackendLeader, Some(Fault::StartBackend)),
             (
                 Fault::Proxy(Some(n), ProxyFault::Blackhole),
                 Some(Fault::Proxy(Some(n), ProxyFault::Pass)),
@@ -617,21 +716,27 @@ fn fault_pairs(backend: BackendKind, nodes: usize, rng: &mut StdRng) -> (Fault, 
     let all: Vec<_> = common
         .into_iter()
         .chain(specific)
-        .filter(|(fault, _)| fault.applies_to(backend))
+        .filter(|(fault, _)| fault.applies_to(backend) && fault.runs_on(runtime))
         .collect();
     let pick = rng.random_range(0..all.len());
     all.into_iter().nth(pick).unwrap_or((Fault::RestartEtcd, None))
 }
 
-/// A fault schedule drawn from `seed`: one fault at a time, each held 2–12 s, 2–8 s apart, over
+/// A fault schedule drawn from `seed` of what `backend` and `runtime` can do: one fault at a time, each held 2–12 s, 2–8 s apart, over
 /// `length`; every break is healed before the next is drawn (and `HealAll` ends the run anyway).
-pub fn nemesis(seed: u64, backend: BackendKind, nodes: usize, length: Duration) -> Vec<Step> {
+pub fn nemesis(
+    seed: u64,
+    backend: BackendKind,
+    runtime: RuntimeKind,
+    nodes: usize,
+    length: Duration,
+) -> Vec<Step> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x006e_656d_6573_6973);
     let mut steps = Vec::new();
     let mut t = Duration::from_secs(5);
     // Bounded: each turn advances t by at least 2 s.
     while t < length {
-        let (fault, heal) = fault_pairs(backend, nodes, &mut rng);
+        let (fault, heal) = fault_pairs(backend, runtime, nodes, &mut rng);
         steps.push(Step { at: t, fault });
         t += Duration::from_millis(rng.random_range(2_000..12_000));
         if let Some(heal) = heal {
@@ -651,21 +756,31 @@ mod tests {
 
     #[test]
     fn the_same_seed_draws_the_same_schedule_and_another_seed_another() {
-        let a = nemesis(7, BackendKind::Vault, 3, Duration::from_secs(300));
-        assert_eq!(a, nemesis(7, BackendKind::Vault, 3, Duration::from_secs(300)));
-        assert_ne!(a, nemesis(8, BackendKind::Vault, 3, Duration::from_secs(300)));
+        let p = RuntimeKind::Process;
+        let a = nemesis(7, BackendKind::Vault, p, 3, Duration::from_secs(300));
+        assert_eq!(a, nemesis(7, BackendKind::Vault, p, 3, Duration::from_secs(300)));
+        assert_ne!(a, nemesis(8, BackendKind::Vault, p, 3, Duration::from_secs(300)));
         assert!(a.len() > 20, "{} steps in 5 minutes", a.len());
         assert!(a.windows(2).all(|w| w[0].at <= w[1].at), "in time order");
     }
 
     #[test]
     fn the_nemesis_draws_only_what_the_backend_can_do() {
-        for backend in [BackendKind::Pkcs11, BackendKind::Vault, BackendKind::Foreign] {
-            for seed in 0..20 {
-                for step in nemesis(seed, backend, 3, Duration::from_secs(120)) {
-                    assert!(step.fault.applies_to(backend), "{step:?} on {backend:?}");
+        let mut drawn = std::collections::HashSet::new();
+        for runtime in [RuntimeKind::Process, RuntimeKind::Container] {
+            for backend in [BackendKind::Pkcs11, BackendKind::Vault, BackendKind::Foreign] {
+                for seed in 0..20 {
+                    for step in nemesis(seed, backend, runtime, 3, Duration::from_secs(120)) {
+                        assert!(step.fault.applies_to(backend), "{step:?} on {backend:?}");
+                        assert!(step.fault.runs_on(runtime), "{step:?} on {runtime:?}");
+                        drawn.insert(step.fault.describe().0);
+                    }
                 }
             }
+        }
+        // Each runtime's own verbs are drawn at all.
+        for verb in ["partition", "kill_leader", "proxy"] {
+            assert!(drawn.contains(verb), "{verb} never drawn");
         }
     }
 

@@ -8,6 +8,7 @@
 pub mod checker;
 pub mod cluster;
 pub mod fault;
+pub mod handles;
 pub mod history;
 pub mod recorder;
 pub mod runner;

@@ -23,6 +23,7 @@ use super::fault::{Fault, Step};
 use super::history::{self, Event, History, Outcome};
 use super::verdict::{Run, VerdictFile};
 use super::workload::{Workload, final_reads};
+use crate::runtime::RuntimeKind;
 
 /// One scenario: the cluster it needs, the workload, the faults on a timeline, the checkers.
 pub struct Scenario {
@@ -50,6 +51,8 @@ pub struct Scenario {
     pub extra: Vec<Arc<dyn Checker + Send + Sync>>,
     /// Also check that cold apiservers decrypt once per distinct seed in etcd.
     pub count_cold_decrypts: bool,
+    /// The runtimes it runs on (those whose verbs its timeline uses).
+    pub runtimes: Vec<RuntimeKind>,
 }
 
 impl Scenario {
@@ -69,7 +72,21 @@ impl Scenario {
             omit: Vec::new(),
             extra: Vec::new(),
             count_cold_decrypts: false,
+            runtimes: vec![RuntimeKind::Process, RuntimeKind::Container],
         }
+    }
+
+    /// Why it cannot run on `runtime`, if it cannot: the first step whose verb that runtime lacks.
+    pub fn unsupported_on(&self, runtime: RuntimeKind) -> Option<String> {
+        if let Some(step) = self.timeline.iter().find(|s| !s.fault.runs_on(runtime)) {
+            let (verb, target, _) = step.fault.describe();
+            return Some(format!(
+                "{verb} on {target}: not supported by the {} runtime",
+                runtime.name()
+            ));
+        }
+        (!self.runtimes.contains(&runtime))
+            .then(|| format!("{}: not supported by the {} runtime", self.name, runtime.name()))
     }
 }
 
@@ -84,6 +101,10 @@ pub struct RunOptions {
     pub progress: bool,
     /// The command that starts a foreign plugin on `{socket}` (backend `foreign`).
     pub foreign_command: Option<String>,
+    /// Local processes or containers.
+    pub runtime: RuntimeKind,
+    /// Why that runtime (forced, or whether a Docker engine answered).
+    pub runtime_reason: String,
 }
 
 impl RunOptions {
@@ -93,11 +114,14 @@ impl RunOptions {
             Some(dir) => PathBuf::from(dir),
             None => target_dir()?.join("scenarios"),
         };
+        let (runtime, runtime_reason) = RuntimeKind::choose()?;
         Ok(Self {
             out,
             kleidi: crate::runtime::kleidi_bin()?,
             progress: true,
             foreign_command: None,
+            runtime,
+            runtime_reason,
         })
     }
 }
@@ -140,9 +164,12 @@ pub async fn run(
     let meta = Run {
         scenario: scenario.name.into(),
         backend: backend.name().into(),
-        runtime: "processes".into(),
+        runtime: opts.runtime.name().into(),
         seed,
     };
+    if let Some(why) = scenario.unsupported_on(opts.runtime) {
+        anyhow::bail!("{}: {why}", scenario.name);
+    }
     let dir = meta.dir(&opts.out);
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
@@ -160,6 +187,11 @@ pub async fn run(
         }
     };
     say(format!("{} — seed {seed}", scenario.about));
+    say(format!(
+        "runtime: {} ({})",
+        opts.runtime.name(),
+        opts.runtime_reason
+    ));
     let spec = ClusterSpec {
         nodes: scenario.nodes,
         backend,
@@ -168,6 +200,7 @@ pub async fn run(
         foreign_command: opts.foreign_command.clone(),
         seed,
         dir: dir.join("nodes"),
+        runtime: opts.runtime,
     };
     let mut cluster = Cluster::start(spec, opts.kleidi.clone(), history.clone()).await?;
     say(format!(
@@ -198,7 +231,7 @@ pub async fn run(
     let mut last_progress = Instant::now();
     // Bounded by `length` (each turn sleeps at most 100 ms) plus the time the steps take.
     while started.elapsed() < scenario.length || steps.peek().is_some() {
-        cluster.watch_exits();
+        cluster.watch_exits().await;
         if let Some(step) = steps.next_if(|s| s.at <= started.elapsed()) {
             let (verb, target, _) = step.fault.describe();
             say(format!("{verb} {target}"));
@@ -214,7 +247,7 @@ pub async fn run(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    cluster.watch_exits();
+    cluster.watch_exits().await;
     say("heal all".into());
     cluster.heal_all().await?;
     let unhealthy = cluster.wait_healthy(Duration::from_secs(15)).await;
@@ -225,7 +258,7 @@ pub async fn run(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut plaintexts = clients.stop().await;
     plaintexts.extend(preloaded);
-    cluster.watch_exits();
+    cluster.watch_exits().await;
 
     let keys: BTreeSet<String> = history::ops(&history.events())
         .filter(|op| op.op == history::Op::Write)
@@ -237,11 +270,11 @@ pub async fn run(
         scenario.nodes
     ));
     final_reads(&cluster, &keys, scenario.workload.op_timeout).await?;
-    cluster.watch_exits();
+    cluster.watch_exits().await;
     history.flush()?;
 
     let snapshot = cluster.store.range(b"/").await?;
-    let logs = collect_logs(&cluster, &dir)?;
+    let logs = collect_logs(&cluster, &dir).await?;
     let secrets = secrets(&cluster, &plaintexts, seed);
     let events = history.events();
     let report = check(scenario, &cluster, &events, snapshot, plaintexts, logs, secrets);
@@ -276,13 +309,12 @@ fn progress(history: &History) -> String {
     format!("ops ok {ok}, fail {fail}, unknown {unknown}; plugin RPCs {rpcs}")
 }
 
-/// Copies every process log into the run directory and returns their contents.
-fn collect_logs(cluster: &Cluster, dir: &Path) -> Result<Vec<Log>> {
+/// Copies every log of the run into the run directory and returns their contents.
+async fn collect_logs(cluster: &Cluster, dir: &Path) -> Result<Vec<Log>> {
     let logs_dir = dir.join("logs");
     std::fs::create_dir_all(&logs_dir)?;
     let mut logs = Vec::new();
-    for (name, path) in cluster.logs() {
-        let contents = std::fs::read(&path).unwrap_or_default();
+    for (name, contents) in cluster.logs().await {
         std::fs::write(logs_dir.join(format!("{name}.log")), &contents)?;
         logs.push(Log { name, contents });
     }
