@@ -119,6 +119,21 @@ impl Image for OpenBaoImage {
     }
 }
 
+/// Starts `request` (an [`OpenBaoImage`] `.with_network(…)`) and waits only until the listener
+/// answers `sys/health`: the server is uninitialized and sealed. For a runtime that initializes one
+/// node itself and joins the others to it (a Raft cluster). Answers the container and its address.
+pub async fn start_uninitialized(
+    request: impl Into<ContainerRequest<OpenBaoImage>>,
+) -> Result<(ContainerAsync<OpenBaoImage>, IpAddr)> {
+    let (container, ip) = start_on_network(request.into()).await?;
+    let admin = BaoClient::new(&format!("http://{ip}:{API_PORT}"), ADMIN_TIMEOUT)?;
+    poll("OpenBao listener", READY_LIMIT, || {
+        admin.request("GET", "sys/health", None, None)
+    })
+    .await?;
+    Ok((container, ip))
+}
+
 /// A started OpenBao, initialized, unsealed, with transit and the key; removed on drop.
 pub struct OpenBaoContainer {
     container: ContainerAsync<OpenBaoImage>,
@@ -132,12 +147,8 @@ impl OpenBaoContainer {
     /// Starts `request` (an [`OpenBaoImage`] `.with_network(…)`), initializes and unseals the
     /// server, mounts transit, creates the key and waits until all of it answers.
     pub async fn start(request: impl Into<ContainerRequest<OpenBaoImage>>) -> Result<Self> {
-        let (container, ip) = start_on_network(request.into()).await?;
+        let (container, ip) = start_uninitialized(request).await?;
         let admin = BaoClient::new(&format!("http://{ip}:{API_PORT}"), ADMIN_TIMEOUT)?;
-        poll("OpenBao listener", READY_LIMIT, || {
-            admin.request("GET", "sys/health", None, None)
-        })
-        .await?;
         let init = json!({ "secret_shares": 1, "secret_threshold": 1 });
         let init = admin.request("PUT", "sys/init", None, Some(&init)).await?.ok()?;
         let root = SecretString::from(init.str_at("/root_token")?);
