@@ -1,8 +1,8 @@
 //! Node 1's plugin cut off the network for 30 s (`docker network disconnect`: OpenBao unreachable,
-//! its socket still answers the apiserver) while nodes 0 and 2 keep serving. Node 1's apiserver
-//! keeps writing on its cached seed until its write state expires — 3 min upstream, 18 s here — and
-//! only then refuses writes; its cached reads never fail; after the heal it converges. Containers
-//! only.
+//! its socket still answers the apiserver) while nodes 0 and 2 keep serving. Node 1's Status says
+//! unhealthy within seconds, but its apiserver keeps writing on its cached seed past the 3-minute
+//! budget (18 s here: see [`NoWriteFailsDuringThePartition`] for why), its cached reads never fail,
+//! and after the heal it converges. Containers only.
 
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ pub fn scenario() -> Scenario {
             at(HEAL_S, Fault::HealPartition(NODE)),
         ],
         length: Duration::from_secs(42),
-        extra: vec![std::sync::Arc::new(WritesStopOnlyAfterBudget {
+        extra: vec![std::sync::Arc::new(NoWriteFailsDuringThePartition {
             node: NODE,
             write_ttl_ms: u64::try_from(timing.write_ttl().as_millis()).unwrap_or(u64::MAX),
         })],
@@ -38,65 +38,56 @@ pub fn scenario() -> Scenario {
     }
 }
 
-/// The partitioned node's writes fail once its write budget is spent, and the other nodes' never:
-/// the availability checker proves the budget is honoured; this proves it ends, and only there.
-pub struct WritesStopOnlyAfterBudget {
+/// No write fails on any node while node 1 is cut off — past its 3-minute budget too. Upstream's
+/// probe (`rotateDEKOnKeyIDChange`) moves the write state's expiry on every Status answer that
+/// carries the same key_id, healthy or not, and kleidi's Status keeps answering with its key_id
+/// (healthz names the outage): the apiserver writes on its cached seed, which needs no plugin. The
+/// budget only runs out when Status itself fails (`plugin_killed_under_load`, `openbao_hung_30s`).
+pub struct NoWriteFailsDuringThePartition {
     /// The partitioned node.
     pub node: usize,
     /// Its write budget (real ms after its last good probe).
     pub write_ttl_ms: u64,
 }
 
-impl Checker for WritesStopOnlyAfterBudget {
+impl Checker for NoWriteFailsDuringThePartition {
     fn name(&self) -> &'static str {
-        "writes_stop_only_after_budget"
+        "no_write_fails_during_the_partition"
     }
 
     fn check(&self, events: &[Event]) -> Check {
         let mut check = Check::new(self.name());
-        let window = events.iter().find_map(|e| match e {
-            Event::Fault(f) if f.verb == "partition" => Some(f.at_ms),
-            _ => None,
-        });
-        let heal = events.iter().find_map(|e| match e {
-            Event::Fault(f) if f.verb == "heal_partition" => Some(f.at_ms),
-            _ => None,
-        });
-        let (Some(cut), Some(heal)) = (window, heal) else {
+        let at = |verb: &str| {
+            events.iter().find_map(|e| match e {
+                Event::Fault(f) if f.verb == verb => Some(f.at_ms),
+                _ => None,
+            })
+        };
+        let (Some(cut), Some(heal)) = (at("partition"), at("heal_partition")) else {
             check.unknown("no partition and heal in the history");
             return check;
         };
-        // Past the budget (counted from the cut, a probe's 3 s bound and a healthy probe interval
-        // of 6 s on top) every write of the partitioned node must be refused.
-        let refused_from = cut + self.write_ttl_ms + 3_000 + 6_000;
-        let (mut late, mut late_failed, mut others_failed) = (0, 0, 0);
+        let (mut writes, mut past_budget) = (0, 0);
         for op in history::ops(events).filter(|op| op.op == Op::Write && !op.final_read) {
-            let failed = matches!(op.outcome, Outcome::Fail { .. });
-            if op.node == self.node && op.start_ms > refused_from && op.end_ms < heal {
-                late += 1;
-                if failed {
-                    late_failed += 1;
-                } else {
-                    check.violation(
-                        format!(
-                            "write of {} on the partitioned node succeeded {} ms after the cut",
-                            op.key,
-                            op.start_ms - cut
-                        ),
-                        None,
-                    );
-                }
+            if op.start_ms < cut || op.end_ms > heal {
+                continue;
             }
-            if op.node != self.node && failed && op.start_ms > cut && op.end_ms < heal {
-                others_failed += 1;
-                check.violation(format!("write of {} on node {} failed", op.key, op.node), None);
+            writes += 1;
+            if op.node == self.node && op.start_ms > cut + self.write_ttl_ms {
+                past_budget += 1;
+            }
+            if let Outcome::Fail { error } = &op.outcome {
+                let what = format!(
+                    "write of {} on node {} failed during the partition: {error}",
+                    op.key, op.node
+                );
+                check.violation(what, None);
             }
         }
-        check.figure("late_writes", late);
-        check.figure("late_writes_refused", late_failed);
-        check.figure("other_nodes_failed_writes", others_failed);
-        if late == 0 {
-            check.unknown("no write on the partitioned node after its budget ran out");
+        check.figure("writes_during_partition", writes);
+        check.figure("partitioned_node_writes_past_its_budget", past_budget);
+        if past_budget == 0 {
+            check.unknown("the partitioned node wrote nothing past its budget");
         }
         check
     }
