@@ -1,14 +1,14 @@
-//! The simulated control plane a scenario runs on: one etcd, one key backend (a SoftHSM token, or an
-//! OpenBao server with a fault proxy per node), and `N` nodes, each a `kleidi serve` process on its
-//! own socket beside its own [`Envelope`] (the apiserver's KMS v2 role, probing on upstream's
-//! schedule, compressed by [`Timing`]). Everything is a local process on 127.0.0.1; the fault verbs
+//! The simulated control plane a scenario runs on: one etcd, one key backend (a SoftHSM token, an
+//! OpenBao server with a fault proxy per node, or a swtpm per node sharing one KEK), and `N` nodes,
+//! each a `kleidi serve` process on its own socket beside its own [`Envelope`] (the apiserver's KMS
+//! v2 role, probing on upstream's schedule, compressed by [`Timing`]). Everything is a local process on 127.0.0.1; the fault verbs
 //! live in [`super::fault`], the workload in [`super::workload`].
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use super::history::History;
 use super::recorder::Recording;
@@ -16,7 +16,7 @@ use crate::Envelope;
 use crate::apiserver::envelope::{HEALTHY_PROBE_INTERVAL, UNHEALTHY_PROBE_INTERVAL, WRITE_STATE_TTL};
 use crate::apiserver::inputs::{Clock, SeededRandom};
 use crate::apiserver::{Authority, EtcdStore, connect_unix_lazy};
-use crate::runtime::{Etcd, FaultProxy, KleidiPlugin, OpenBao, SoftHsmToken, Swtpm};
+use crate::runtime::{Etcd, FaultProxy, KleidiPlugin, OpenBao, SharedKek, SoftHsmToken, Swtpm};
 
 /// The provider name every node's EncryptionConfiguration uses.
 pub const PROVIDER: &str = "kleidi";
@@ -30,7 +30,7 @@ pub enum BackendKind {
     Pkcs11,
     /// OpenBao transit, each node through its own fault proxy.
     Vault,
-    /// TPM 2.0: one swtpm, one node (several nodes need the KEK enrolment wired in).
+    /// TPM 2.0: a swtpm per node; with several nodes one shareable KEK enrolled on all of them.
     Tpm,
     /// Any KMS v2 plugin, started by a command of the user's (`{socket}` stands for the socket
     /// path); only faults that need no control over its backend apply.
@@ -140,14 +140,13 @@ pub enum Backend {
         /// Whether kleidi's token was revoked and not replaced.
         revoked: bool,
     },
-    /// A software TPM for the one node, with its KEK made by `kleidi tpm init`.
+    /// A software TPM per node: node `i` uses `tpms[i]`. One node: its KEK made by `kleidi tpm
+    /// init`. Several: one shareable KEK made on node 0 and enrolled on every other node.
     Tpm {
-        /// The TPM.
-        swtpm: Box<Swtpm>,
-        /// Whether it was killed and not started again.
-        down: bool,
-        /// Whether it is paused.
-        paused: bool,
+        /// One TPM per node, with its fault state.
+        tpms: Vec<NodeTpm>,
+        /// The admin side of the shared KEK (several nodes only): rotations reuse its approvals.
+        shared: Option<SharedKek>,
     },
     /// Someone else's plugin: `sh -c "exec <command>"` with `{socket}` replaced.
     Foreign {
@@ -164,6 +163,26 @@ impl Backend {
             Self::Vault { .. } => BackendKind::Vault,
             Self::Tpm { .. } => BackendKind::Tpm,
             Self::Foreign { .. } => BackendKind::Foreign,
+        }
+    }
+}
+
+/// One node's TPM and its fault state.
+pub struct NodeTpm {
+    /// The TPM.
+    pub swtpm: Swtpm,
+    /// Whether it was killed and not started again.
+    pub down: bool,
+    /// Whether it is paused.
+    pub paused: bool,
+}
+
+impl NodeTpm {
+    fn new(swtpm: Swtpm) -> Self {
+        Self {
+            swtpm,
+            down: false,
+            paused: false,
         }
     }
 }
@@ -274,19 +293,19 @@ impl Cluster {
                     revoked: false,
                 }
             }
-            BackendKind::Tpm if spec.nodes > 1 => bail!(
-                "a {}-node TPM cluster needs each node's KEK enrolled (kleidi tpm export/import) by the \
-                 harness: not implemented yet",
-                spec.nodes
-            ),
             BackendKind::Tpm => {
-                let swtpm = Swtpm::start().await?;
-                swtpm.init_key(&kleidi)?;
-                Backend::Tpm {
-                    swtpm: Box::new(swtpm),
-                    down: false,
-                    paused: false,
+                let mut tpms = Vec::new();
+                for _ in 0..spec.nodes.max(1) {
+                    tpms.push(NodeTpm::new(Swtpm::start().await?));
                 }
+                let shared = if let [only] = tpms.as_slice() {
+                    only.swtpm.init_key(&kleidi)?;
+                    None
+                } else {
+                    let swtpms: Vec<&Swtpm> = tpms.iter().map(|t| &t.swtpm).collect();
+                    Some(SharedKek::enrol(&kleidi, &swtpms).await?)
+                };
+                Backend::Tpm { tpms, shared }
             }
             BackendKind::Foreign => Backend::Foreign {
                 command: spec
@@ -375,8 +394,11 @@ impl Cluster {
                     .context("no proxy for this node")?;
                 (bao.kleidi_flags(&url), Vec::new())
             }
-            Backend::Tpm { swtpm, .. } => (
-                swtpm.kleidi_flags(),
+            Backend::Tpm { tpms, .. } => (
+                tpms.get(index)
+                    .context("no TPM for this node")?
+                    .swtpm
+                    .kleidi_flags(),
                 vec![("TSS2_LOG".to_string(), "all+none".to_string())],
             ),
             Backend::Foreign { command } => {
@@ -493,8 +515,14 @@ impl Cluster {
             .map(|n| (format!("kleidi-{}", n.index), n.log()))
             .collect();
         logs.push(("etcd".into(), self.etcd.process.log_path().to_path_buf()));
-        if let Backend::Vault { bao, .. } = &self.backend {
-            logs.push(("openbao".into(), bao.dir().join("openbao.log")));
+        match &self.backend {
+            Backend::Vault { bao, .. } => logs.push(("openbao".into(), bao.dir().join("openbao.log"))),
+            Backend::Tpm { tpms, .. } => logs.extend(
+                tpms.iter()
+                    .enumerate()
+                    .map(|(i, t)| (format!("swtpm-{i}"), t.swtpm.process.log_path().to_path_buf())),
+            ),
+            Backend::Pkcs11 { .. } | Backend::Foreign { .. } => {}
         }
         logs
     }
