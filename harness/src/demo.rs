@@ -47,7 +47,7 @@ pub enum DemoBackend {
 /// The key service under the plugin; dropping it stops it and removes its files.
 enum KeyService {
     Pkcs11(SoftHsmToken),
-    Tpm(Swtpm),
+    Tpm(Box<Swtpm>),
 }
 
 /// Creates the key with the command a user runs, then starts `kleidi serve` on it.
@@ -75,7 +75,7 @@ async fn start_backend(kleidi: &Path, backend: DemoBackend) -> Result<(KeyServic
             let plugin =
                 KleidiPlugin::launch(kleidi, run.join("kms.sock"), tpm.kleidi_flags(), &env, &log, &[])
                     .await?;
-            Ok((KeyService::Tpm(tpm), plugin))
+            Ok((KeyService::Tpm(Box::new(tpm)), plugin))
         }
     }
 }
