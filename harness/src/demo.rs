@@ -1,21 +1,21 @@
 //! `kleidi-harness demo` (what `just demo` runs): the whole KMS v2 path on this machine with real
-//! components. etcd, a SoftHSM token made by `kleidi pkcs11 init`, and `kleidi serve` run as separate
-//! processes in temp dirs; a Secret goes through the envelope into etcd; the raw value is shown and
+//! components. etcd, a SoftHSM token made by `kleidi pkcs11 init` (or, with `--backend tpm`, a swtpm
+//! and a KEK made by `kleidi tpm init`), and `kleidi serve` run as separate processes in temp dirs; a Secret goes through the envelope into etcd; the raw value is shown and
 //! audited; a cold "apiserver" (empty cache) reads it back through the plugin. Everything started is
 //! stopped and removed on success, failure or Ctrl-C (the handles kill and clean up on drop).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use kleidi_harness::apiserver::object::{self, Encoding, Keys};
 use kleidi_harness::apiserver::{Authority, Envelope, Storage, connect_unix};
 use kleidi_harness::audit::{self, Audit};
-use kleidi_harness::runtime::{Etcd, KleidiPlugin, SoftHsmToken, kleidi_bin};
+use kleidi_harness::runtime::{Etcd, KleidiPlugin, SoftHsmToken, Swtpm, kleidi_bin};
 use rand::RngCore;
 
 /// `demo` flags.
@@ -30,6 +30,54 @@ pub struct DemoArgs {
     /// Leave etcd and kleidi running after the last step, until Ctrl-C, to look around with etcdctl.
     #[arg(long)]
     keep_running: bool,
+    /// Where the KEK lives: a SoftHSM token, or a software TPM (swtpm).
+    #[arg(long, value_enum, default_value_t = DemoBackend::Pkcs11)]
+    backend: DemoBackend,
+}
+
+/// The key services the demo can start by itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DemoBackend {
+    /// A SoftHSM2 token through PKCS#11.
+    Pkcs11,
+    /// TPM 2.0: a swtpm process.
+    Tpm,
+}
+
+/// The key service under the plugin; dropping it stops it and removes its files.
+enum KeyService {
+    Pkcs11(SoftHsmToken),
+    Tpm(Box<Swtpm>),
+}
+
+/// Creates the key with the command a user runs, then starts `kleidi serve` on it.
+async fn start_backend(kleidi: &Path, backend: DemoBackend) -> Result<(KeyService, KleidiPlugin)> {
+    match backend {
+        DemoBackend::Pkcs11 => {
+            step("creating a SoftHSM token and an AES-256 key with `kleidi pkcs11 init`");
+            let token = SoftHsmToken::create(kleidi, "kleidi-demo", "kleidi-kek")?;
+            step("starting `kleidi serve --backend pkcs11`");
+            let plugin = KleidiPlugin::start(kleidi, &token, "kleidi-kek", &[]).await?;
+            Ok((KeyService::Pkcs11(token), plugin))
+        }
+        DemoBackend::Tpm => {
+            step("starting a software TPM (swtpm on 127.0.0.1, its own state dir)");
+            let tpm = Swtpm::start().await?;
+            println!("    {}", tpm.tcti());
+            step("creating a TPM-wrapped key-encryption key with `kleidi tpm init`");
+            println!("    key_id {}", tpm.init_key(kleidi)?);
+            step("starting `kleidi serve --backend tpm`");
+            // Under the swtpm's temp dir, so its removal takes the socket along.
+            let run = tpm.dir().join("run");
+            std::fs::create_dir_all(&run)?;
+            let env = [("TSS2_LOG".to_string(), "all+none".to_string())];
+            let log = tpm.dir().join("kleidi.log");
+            let plugin =
+                KleidiPlugin::launch(kleidi, run.join("kms.sock"), tpm.kleidi_flags(), &env, &log, &[])
+                    .await?;
+            Ok((KeyService::Tpm(Box::new(tpm)), plugin))
+        }
+    }
 }
 
 /// Runs the demo; Ctrl-C stops it (and everything it started) at any step.
@@ -53,11 +101,7 @@ async fn steps(args: DemoArgs) -> Result<ExitCode> {
     let etcd = Etcd::start().await?;
     println!("    {}", etcd.url);
 
-    step("creating a SoftHSM token and an AES-256 key with `kleidi pkcs11 init`");
-    let token = SoftHsmToken::create(&kleidi, "kleidi-demo", "kleidi-kek")?;
-
-    step("starting `kleidi serve --backend pkcs11`");
-    let mut plugin = KleidiPlugin::start(&kleidi, &token, "kleidi-kek", &[]).await?;
+    let (service, mut plugin) = start_backend(&kleidi, args.backend).await?;
     println!("    socket {}", plugin.socket.display());
 
     step("apiserver start-up: Status, then a 32-byte seed wrapped once by Encrypt");
@@ -140,8 +184,18 @@ async fn steps(args: DemoArgs) -> Result<ExitCode> {
         std::future::pending::<()>().await;
     }
 
-    step("stopping kleidi (SIGTERM) and etcd");
-    plugin.process.stop(Duration::from_secs(5)).await?;
+    match service {
+        KeyService::Pkcs11(token) => {
+            step("stopping kleidi (SIGTERM) and etcd");
+            plugin.process.stop(Duration::from_secs(5)).await?;
+            drop(token);
+        }
+        KeyService::Tpm(mut tpm) => {
+            step("stopping kleidi (SIGTERM), the TPM and etcd");
+            plugin.process.stop(Duration::from_secs(5)).await?;
+            tpm.kill().await?;
+        }
+    }
     drop(etcd);
     println!("\nok: the Secret is in etcd only encrypted, and reads back through kleidi");
     Ok(ExitCode::SUCCESS)

@@ -85,8 +85,8 @@ enum Command {
         /// The Secret as JSON; `-` reads standard input.
         file: PathBuf,
     },
-    /// Start etcd, a SoftHSM token and `kleidi serve`, write a Secret through them, show the raw
-    /// bytes, audit them, read the Secret back, and stop everything.
+    /// Start etcd, a SoftHSM token (or with `--backend tpm` a swtpm) and `kleidi serve`, write a
+    /// Secret through them, show the raw bytes, audit them, read the Secret back, and stop everything.
     Demo(demo::DemoArgs),
     /// Check a running KMS v2 plugin (any, not only kleidi) against the contract kube-apiserver
     /// relies on: one line per check (pass / FAIL / unknown); exit 0 only if every check passes.

@@ -1,5 +1,5 @@
-//! `just demo` runs `kleidi-harness demo`: it must pass on a fresh machine, and stop everything it
-//! started, also when interrupted half-way.
+//! `just demo` runs `kleidi-harness demo`: it must pass on a fresh machine (on SoftHSM, and with
+//! `--backend tpm` on a swtpm), and stop everything it started, also when interrupted half-way.
 
 #![allow(
     clippy::unwrap_used,
@@ -36,6 +36,38 @@ fn demo_writes_audits_and_reads_back_a_secret() {
     ] {
         assert!(stdout.contains(step), "missing {step:?} in:\n{stdout}");
     }
+}
+
+#[test]
+fn demo_on_a_software_tpm_writes_audits_and_reads_back_a_secret() {
+    let out = demo().args(["--backend", "tpm"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in [
+        "swtpm:host=127.0.0.1,port=",
+        "`kleidi tpm init`",
+        "`kleidi serve --backend tpm`",
+        "key_id tpm:",
+        "k8s:enc:km",
+        "in clear: 0",
+        "password bytes in the raw value: none",
+        "(Decrypt calls: 1)",
+        "stopping kleidi (SIGTERM), the TPM and etcd",
+        "ok: the Secret is in etcd only encrypted",
+    ] {
+        assert!(stdout.contains(step), "missing {step:?} in:\n{stdout}");
+    }
+    // The key the plugin's Status named is the one `kleidi tpm init` printed.
+    let ids: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("key_id "))
+        .collect();
+    assert_eq!(ids.len(), 2, "{stdout}");
+    assert_eq!(ids[0], ids[1], "{stdout}");
 }
 
 #[test]

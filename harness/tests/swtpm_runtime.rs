@@ -1,6 +1,7 @@
 //! The swtpm runtime under `kleidi serve --backend tpm`, both as local processes: a round trip,
 //! the TPM killed and started again on its state (kleidi recovers by itself), the TPM paused and
-//! resumed, and a wiped TPM (unhealthy, naming the lost key). Needs `apt-get install swtpm
+//! resumed, a wiped TPM (unhealthy, naming the lost key), and three TPMs sharing one KEK enrolled by
+//! the CLI (`SharedKek`), rotated while every plugin serves. Needs `apt-get install swtpm
 //! swtpm-tools libtss2-dev`.
 
 #![allow(
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use kleidi_harness::apiserver::kms::{DecryptRequest, EncryptResponse, StatusResponse};
 use kleidi_harness::apiserver::{Authority, GrpcKms, KmsClient, connect_unix};
-use kleidi_harness::runtime::{KleidiPlugin, Swtpm, kleidi_bin};
+use kleidi_harness::runtime::{KleidiPlugin, SharedKek, Swtpm, kleidi_bin};
 
 const SEED: &[u8] = b"a 32-byte seed, as the apiserver";
 /// Health verdicts expire quickly, so Status follows the TPM within a poll or two.
@@ -125,4 +126,87 @@ async fn a_paused_tpm_fails_calls_until_resumed_and_a_wiped_one_names_the_lost_k
     );
     let err = rig.decrypt(&sealed).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+}
+
+async fn decrypt(client: &GrpcKms, sealed: &EncryptResponse) -> Result<Vec<u8>, tonic::Status> {
+    let request = DecryptRequest {
+        ciphertext: sealed.ciphertext.clone(),
+        key_id: sealed.key_id.clone(),
+        annotations: sealed.annotations.clone(),
+    };
+    Ok(client.decrypt("uid", &request).await?.to_vec())
+}
+
+/// Polls `client`'s Status until it names `key_id`; bounded at 15 s.
+async fn status_names(client: &GrpcKms, key_id: &str) {
+    let started = Instant::now();
+    loop {
+        let status = client.status().await.unwrap();
+        if status.key_id == key_id && status.healthz == "ok" {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "Status still {status:?}, expected {key_id}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn three_tpms_enrolled_by_the_cli_share_one_kek_and_a_rotation_reaches_all_of_them() {
+    let bin = kleidi_bin().unwrap();
+    let mut tpms = Vec::new();
+    for _ in 0..3 {
+        tpms.push(Swtpm::start().await.unwrap());
+    }
+    let refs: Vec<&Swtpm> = tpms.iter().collect();
+    let mut shared = SharedKek::enrol(&bin, &refs).await.unwrap();
+    let first = shared.key_id().to_owned();
+    assert!(first.starts_with("tpm:"), "{first}");
+    assert!(
+        shared.dir().join("admin").is_file(),
+        "the admin key is in the run's temp dir"
+    );
+
+    let env = [("TSS2_LOG".to_string(), "all+none".to_string())];
+    let mut plugins = Vec::new();
+    let mut clients = Vec::new();
+    for tpm in &tpms {
+        let socket = tpm.dir().join("kms.sock");
+        let log = tpm.dir().join("kleidi.log");
+        let plugin = KleidiPlugin::launch(&bin, socket.clone(), tpm.kleidi_flags(), &env, &log, &FAST_HEALTH)
+            .await
+            .unwrap();
+        plugins.push(plugin);
+        let client = connect_unix(&socket, Authority::Localhost).await.unwrap();
+        status_names(&client, &first).await;
+        clients.push(client);
+    }
+    let old = clients[0].encrypt("uid", SEED).await.unwrap();
+    assert_eq!(old.key_id, first);
+    for client in &clients[1..] {
+        assert_eq!(decrypt(client, &old).await.unwrap(), SEED, "wrapped on node 0");
+    }
+
+    // While every plugin serves: each node switches to the new key by itself, and what any node
+    // wraps with it every node unwraps, as does what was wrapped before.
+    let second = shared.rotate(&bin, &refs).await.unwrap();
+    assert_ne!(second, first);
+    for (n, client) in clients.iter().enumerate() {
+        status_names(client, &second).await;
+        let fresh = client.encrypt("uid", SEED).await.unwrap();
+        assert_eq!(fresh.key_id, second, "node {n}");
+        for other in &clients {
+            assert_eq!(decrypt(other, &fresh).await.unwrap(), SEED, "wrapped on node {n}");
+            assert_eq!(
+                decrypt(other, &old).await.unwrap(),
+                SEED,
+                "the first key, after the rotation"
+            );
+        }
+    }
+    for plugin in &mut plugins {
+        assert!(plugin.process.is_running());
+    }
 }

@@ -9,7 +9,12 @@ use kleidi_harness::scenario::{BackendKind, Fault, Scenario, at};
 pub fn scenario() -> Scenario {
     Scenario {
         // No fault here needs the backend: it runs against any plugin too (`--plugin-command`).
-        backends: vec![BackendKind::Pkcs11, BackendKind::Vault, BackendKind::Foreign],
+        backends: vec![
+            BackendKind::Pkcs11,
+            BackendKind::Vault,
+            BackendKind::Tpm,
+            BackendKind::Foreign,
+        ],
         nodes: 3,
         timeline: vec![at(4.0, Fault::KillPlugin(1)), at(14.0, Fault::StartPlugin(1))],
         length: Duration::from_secs(20),

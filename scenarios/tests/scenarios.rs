@@ -16,18 +16,6 @@ use rstest::rstest;
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn check(scenario: Scenario, backend: BackendKind) {
-    if backend == BackendKind::Tpm && scenario.nodes > 1 {
-        let _turn = ONE_AT_A_TIME.lock().await;
-        // Left in place until the cluster enrols one KEK on several TPMs (kleidi tpm export/import);
-        // this fails the day it can, so the case is switched on then.
-        let opts = RunOptions::from_env().unwrap();
-        let err = run(&scenario, backend, 1, &opts)
-            .await
-            .expect_err("a TPM cluster started");
-        assert!(err.to_string().contains("not implemented yet"), "{err:#}");
-        eprintln!("SKIPPED {} on tpm: {err}", scenario.name);
-        return;
-    }
     check_seeded(scenario, backend, seed_from_env().unwrap()).await;
 }
 
@@ -124,6 +112,7 @@ async fn plugin_killed_under_load(#[case] backend: BackendKind) {
 #[rstest]
 #[case::pkcs11(BackendKind::Pkcs11)]
 #[case::vault(BackendKind::Vault)]
+#[case::tpm(BackendKind::Tpm)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apiservers_restarted_cold(#[case] backend: BackendKind) {
     check(kleidi_scenarios::apiservers_restarted_cold::scenario(), backend).await;
@@ -141,6 +130,7 @@ async fn etcd_restarted(#[case] backend: BackendKind) {
 #[rstest]
 #[case::pkcs11(BackendKind::Pkcs11)]
 #[case::vault(BackendKind::Vault)]
+#[case::tpm(BackendKind::Tpm)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_one_plugin_killed(#[case] backend: BackendKind) {
     check(

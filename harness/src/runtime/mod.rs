@@ -24,7 +24,7 @@ pub use process::Process;
 pub use proxy::{Direction, Fault, FaultProxy, ProxyStats};
 pub use select::{RUNTIME_ENV, RuntimeKind};
 pub use softhsm::SoftHsmToken;
-pub use swtpm::Swtpm;
+pub use swtpm::{SharedKek, Swtpm};
 
 /// A free TCP port on 127.0.0.1 (bound and released; the OS does not hand it out again at once).
 pub fn free_port() -> std::io::Result<u16> {

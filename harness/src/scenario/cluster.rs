@@ -1,16 +1,17 @@
 //! The simulated control plane a scenario runs on: etcd, one key backend (a SoftHSM token, an
-//! OpenBao server, a TPM) and `N` nodes, each a `kleidi serve` on its own socket beside its own
-//! [`Envelope`] (the apiserver's KMS v2 role, probing on upstream's schedule, compressed by
-//! [`Timing`]). On the process runtime everything is a local process on 127.0.0.1 (one etcd, one
-//! OpenBao behind a fault proxy per node); on the container runtime etcd is three members, OpenBao a
-//! three-node Raft cluster and each node's plugin a container, all on the run's own network
-//! ([`super::handles`]). The fault verbs live in [`super::fault`], the workload in [`super::workload`].
+//! OpenBao server, or a swtpm per node sharing one KEK) and `N` nodes, each a `kleidi serve` on its
+//! own socket beside its own [`Envelope`] (the apiserver's KMS v2 role, probing on upstream's
+//! schedule, compressed by [`Timing`]). On the process runtime everything is a local process on
+//! 127.0.0.1 (one etcd, one OpenBao behind a fault proxy per node); on the container runtime etcd is
+//! three members, OpenBao a three-node Raft cluster and each node's plugin a container, all on the
+//! run's own network ([`super::handles`]). The fault verbs live in [`super::fault`], the workload in
+//! [`super::workload`].
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use super::handles::{Bao, EtcdPart, Plugin, unsupported};
 use super::history::History;
@@ -22,7 +23,7 @@ use crate::apiserver::{Authority, EtcdStore, connect_unix_lazy};
 use crate::runtime::container::etcd_cluster::EtcdCluster;
 use crate::runtime::container::kleidi_node::{KleidiNode, KleidiNodeSpec};
 use crate::runtime::container::openbao_raft::OpenBaoRaft;
-use crate::runtime::{Etcd, FaultProxy, KleidiPlugin, OpenBao, RuntimeKind, SoftHsmToken, Swtpm};
+use crate::runtime::{Etcd, FaultProxy, KleidiPlugin, OpenBao, RuntimeKind, SharedKek, SoftHsmToken, Swtpm};
 
 /// The provider name every node's EncryptionConfiguration uses.
 pub const PROVIDER: &str = "kleidi";
@@ -36,7 +37,7 @@ pub enum BackendKind {
     Pkcs11,
     /// OpenBao transit, each node through its own fault proxy.
     Vault,
-    /// TPM 2.0: one swtpm, one node (several nodes need the KEK enrolment wired in).
+    /// TPM 2.0: a swtpm per node; with several nodes one shareable KEK enrolled on all of them.
     Tpm,
     /// Any KMS v2 plugin, started by a command of the user's (`{socket}` stands for the socket
     /// path); only faults that need no control over its backend apply.
@@ -147,14 +148,13 @@ pub enum Backend {
         /// Whether kleidi's token was revoked and not replaced.
         revoked: bool,
     },
-    /// A software TPM for the one node, with its KEK made by `kleidi tpm init`.
+    /// A software TPM per node: node `i` uses `tpms[i]`. One node: its KEK made by `kleidi tpm
+    /// init`. Several: one shareable KEK made on node 0 and enrolled on every other node.
     Tpm {
-        /// The TPM.
-        swtpm: Box<Swtpm>,
-        /// Whether it was killed and not started again.
-        down: bool,
-        /// Whether it is paused.
-        paused: bool,
+        /// One TPM per node, with its fault state.
+        tpms: Vec<NodeTpm>,
+        /// The admin side of the shared KEK (several nodes only): rotations reuse its approvals.
+        shared: Option<SharedKek>,
     },
     /// Someone else's plugin: `sh -c "exec <command>"` with `{socket}` replaced.
     Foreign {
@@ -171,6 +171,26 @@ impl Backend {
             Self::Vault { .. } => BackendKind::Vault,
             Self::Tpm { .. } => BackendKind::Tpm,
             Self::Foreign { .. } => BackendKind::Foreign,
+        }
+    }
+}
+
+/// One node's TPM and its fault state.
+pub struct NodeTpm {
+    /// The TPM.
+    pub swtpm: Swtpm,
+    /// Whether it was killed and not started again.
+    pub down: bool,
+    /// Whether it is paused.
+    pub paused: bool,
+}
+
+impl NodeTpm {
+    fn new(swtpm: Swtpm) -> Self {
+        Self {
+            swtpm,
+            down: false,
+            paused: false,
         }
     }
 }
@@ -306,19 +326,19 @@ impl Cluster {
                     revoked: false,
                 }
             }
-            BackendKind::Tpm if spec.nodes > 1 => bail!(
-                "a {}-node TPM cluster needs each node's KEK enrolled (kleidi tpm export/import) by the \
-                 harness: not implemented yet",
-                spec.nodes
-            ),
             BackendKind::Tpm => {
-                let swtpm = Swtpm::start().await?;
-                swtpm.init_key(&kleidi)?;
-                Backend::Tpm {
-                    swtpm: Box::new(swtpm),
-                    down: false,
-                    paused: false,
+                let mut tpms = Vec::new();
+                for _ in 0..spec.nodes.max(1) {
+                    tpms.push(NodeTpm::new(Swtpm::start().await?));
                 }
+                let shared = if let [only] = tpms.as_slice() {
+                    only.swtpm.init_key(&kleidi)?;
+                    None
+                } else {
+                    let swtpms: Vec<&Swtpm> = tpms.iter().map(|t| &t.swtpm).collect();
+                    Some(SharedKek::enrol(&kleidi, &swtpms).await?)
+                };
+                Backend::Tpm { tpms, shared }
             }
             BackendKind::Foreign => Backend::Foreign {
                 command: spec
@@ -427,8 +447,11 @@ impl Cluster {
                     (raft.host_kleidi_flags(&raft.network_urls()), Vec::new())
                 }
             },
-            Backend::Tpm { swtpm, .. } => (
-                swtpm.kleidi_flags(),
+            Backend::Tpm { tpms, .. } => (
+                tpms.get(index)
+                    .context("no TPM for this node")?
+                    .swtpm
+                    .kleidi_flags(),
                 vec![("TSS2_LOG".to_string(), "all+none".to_string())],
             ),
             Backend::Foreign { command } => {
@@ -549,7 +572,8 @@ impl Cluster {
         }
     }
 
-    /// Every log of the run so far: (name, contents): each plugin's, etcd's (each member's), OpenBao's.
+    /// Every log of the run so far: (name, contents): each plugin's, etcd's (each member's),
+    /// OpenBao's, each swtpm's.
     pub async fn logs(&self) -> Vec<(String, Vec<u8>)> {
         let mut logs = Vec::new();
         for node in &self.nodes {
@@ -561,8 +585,8 @@ impl Cluster {
             logs.push((format!("kleidi-{}", node.index), contents));
         }
         logs.extend(self.etcd.logs().await);
-        if let Backend::Vault { bao, .. } = &self.backend {
-            match bao {
+        match &self.backend {
+            Backend::Vault { bao, .. } => match bao {
                 Bao::Process(bao) => logs.push((
                     "openbao".into(),
                     std::fs::read(bao.dir().join("openbao.log")).unwrap_or_default(),
@@ -574,7 +598,14 @@ impl Cluster {
                         }
                     }
                 }
+            },
+            Backend::Tpm { tpms, .. } => {
+                for (i, t) in tpms.iter().enumerate() {
+                    let contents = std::fs::read(t.swtpm.process.log_path()).unwrap_or_default();
+                    logs.push((format!("swtpm-{i}"), contents));
+                }
             }
+            Backend::Pkcs11 { .. } | Backend::Foreign { .. } => {}
         }
         logs
     }

@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use super::cluster::{Backend, BackendKind, Cluster};
 use super::handles::Bao;
 use super::history::{ALL, Effect, Event, ExitRecord, FaultRecord, ROTATE, Role};
-use crate::runtime::{Fault as ProxyFault, RuntimeKind, TokenLease};
+use crate::runtime::{Fault as ProxyFault, RuntimeKind, Swtpm, TokenLease};
 
 /// One fault (or heal) a scenario can put on its timeline.
 #[derive(Clone, Debug, PartialEq)]
@@ -62,17 +62,19 @@ pub enum Fault {
     /// Write a new kleidi token to the token file (vault).
     NewToken(TokenLease),
     /// Rotate the KEK: a new transit version (vault); a new key label and a rolling restart of the
-    /// plugins with it (pkcs11, as an operator does).
+    /// plugins with it (pkcs11, as an operator does); `kleidi tpm init` (tpm, one node) or a new
+    /// shareable KEK enrolled on every node before any node uses it (tpm, several nodes).
     RotateKey,
     /// Delete the KEK for good (vault: transit key deleted).
     DeleteKey,
-    /// SIGKILL the TPM (tpm): every loaded object and session is gone; its state stays.
+    /// SIGKILL the TPM (tpm): every loaded object and session is gone; its state stays. With
+    /// several nodes, node 0's TPM: one node's TPM rebooting is the fault a cluster meets.
     KillTpm,
-    /// Start the TPM again on its state (tpm).
+    /// Start the TPM again on its state (tpm; node 0's with several nodes).
     StartTpm,
-    /// SIGSTOP the TPM (tpm).
+    /// SIGSTOP the TPM (tpm; node 0's with several nodes).
     PauseTpm,
-    /// SIGCONT the TPM (tpm).
+    /// SIGCONT the TPM (tpm; node 0's with several nodes).
     ResumeTpm,
     /// Put a fault on node `n`'s proxy to OpenBao, or on every node's with `None` (vault, process
     /// runtime).
@@ -474,25 +476,28 @@ impl Cluster {
                 }
                 _ => bail!("not a pkcs11 fault"),
             },
-            Backend::Tpm { swtpm, down, paused } => match fault {
-                Fault::KillTpm => {
-                    swtpm.kill().await?;
-                    *down = true;
+            Backend::Tpm { tpms, .. } => {
+                let tpm = tpms.first_mut().context("no TPM")?;
+                match fault {
+                    Fault::KillTpm => {
+                        tpm.swtpm.kill().await?;
+                        tpm.down = true;
+                    }
+                    Fault::StartTpm => {
+                        tpm.swtpm.start_again().await?;
+                        tpm.down = false;
+                    }
+                    Fault::PauseTpm => {
+                        tpm.swtpm.pause()?;
+                        tpm.paused = true;
+                    }
+                    Fault::ResumeTpm => {
+                        tpm.swtpm.resume()?;
+                        tpm.paused = false;
+                    }
+                    _ => bail!("not a tpm fault"),
                 }
-                Fault::StartTpm => {
-                    swtpm.start_again().await?;
-                    *down = false;
-                }
-                Fault::PauseTpm => {
-                    swtpm.pause()?;
-                    *paused = true;
-                }
-                Fault::ResumeTpm => {
-                    swtpm.resume()?;
-                    *paused = false;
-                }
-                _ => bail!("not a tpm fault"),
-            },
+            }
             Backend::Foreign { .. } => bail!("a foreign plugin's backend is not the harness's to break"),
         }
         Ok(())
@@ -500,7 +505,8 @@ impl Cluster {
 
     /// Rotates the KEK and returns the new key_id, as node 0's plugin reports it once it noticed
     /// (vault: a new transit version, seen within kleidi's health TTL; pkcs11: a new key label and a
-    /// rolling restart of the plugins with it, as an operator does).
+    /// rolling restart of the plugins with it, as an operator does; tpm: a new current key in every
+    /// node's state directory, which the serving plugins re-read).
     async fn rotate(&mut self) -> Result<String> {
         let before = self.plugin_key_id(0).await?;
         let kleidi = self.kleidi_bin().to_path_buf();
@@ -520,10 +526,17 @@ impl Cluster {
                     }
                 }
             }
-            Backend::Tpm { swtpm, .. } => {
+            Backend::Tpm { tpms, shared } => match shared {
                 // `kleidi tpm init` again: a new current key; the serving plugin picks it up.
-                swtpm.init_key(&kleidi)?;
-            }
+                None => {
+                    tpms.first().context("no TPM")?.swtpm.init_key(&kleidi)?;
+                }
+                // Every node holds the new key before any node makes it current.
+                Some(shared) => {
+                    let swtpms: Vec<&Swtpm> = tpms.iter().map(|t| &t.swtpm).collect();
+                    shared.rotate(&kleidi, &swtpms).await?;
+                }
+            },
             Backend::Foreign { .. } => bail!("a foreign plugin's key is not the harness's to rotate"),
         }
         let started = std::time::Instant::now();
@@ -628,18 +641,21 @@ impl Cluster {
                 }
                 steps
             }
-            Backend::Tpm { down, paused, .. } => {
-                let mut steps = Vec::new();
-                if *paused {
-                    steps.push(Fault::ResumeTpm);
-                }
-                if *down {
-                    steps.push(Fault::StartTpm);
-                }
-                steps
-            }
-            Backend::Foreign { .. } => Vec::new(),
+            // TPMs: below, every node's, not only the one the verbs reach.
+            Backend::Tpm { .. } | Backend::Foreign { .. } => Vec::new(),
         };
+        if let Backend::Tpm { tpms, .. } = &mut self.backend {
+            for tpm in tpms {
+                if tpm.paused {
+                    tpm.swtpm.resume()?;
+                    tpm.paused = false;
+                }
+                if tpm.down {
+                    tpm.swtpm.start_again().await?;
+                    tpm.down = false;
+                }
+            }
+        }
         for fault in heal {
             self.act_on_backend(&fault).await?;
         }
@@ -768,7 +784,7 @@ mod tests {
     fn the_nemesis_draws_only_what_the_backend_can_do() {
         let mut drawn = std::collections::HashSet::new();
         for runtime in [RuntimeKind::Process, RuntimeKind::Container] {
-            for backend in [BackendKind::Pkcs11, BackendKind::Vault, BackendKind::Foreign] {
+            for backend in BackendKind::ALL {
                 for seed in 0..20 {
                     for step in nemesis(seed, backend, runtime, 3, Duration::from_secs(120)) {
                         assert!(step.fault.applies_to(backend), "{step:?} on {backend:?}");
