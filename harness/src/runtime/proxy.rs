@@ -1,5 +1,5 @@
 //! A TCP fault proxy of the harness's own, put between a plugin and its backend (OpenBao): it
-//! listens on 127.0.0.1, forwards each connection to one target, and applies the [`Fault`] set on
+//! listens on 127.0.0.1 (or a harness network's gateway), forwards each connection to one target, and applies the [`Fault`] set on
 //! its handle at that moment — to connections already open as well as new ones. It counts
 //! connections and bytes, and stops (closing every connection) when the handle drops.
 
@@ -93,7 +93,7 @@ struct Shared {
 /// A running proxy; stops on drop.
 pub struct FaultProxy {
     addr: SocketAddr,
-    target: SocketAddr,
+    target: Arc<watch::Sender<SocketAddr>>,
     shared: Arc<Shared>,
     task: JoinHandle<()>,
 }
@@ -102,7 +102,7 @@ impl std::fmt::Debug for FaultProxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FaultProxy")
             .field("addr", &self.addr)
-            .field("target", &self.target)
+            .field("target", &*self.target.borrow())
             .field("fault", &self.fault())
             .finish_non_exhaustive()
     }
@@ -111,7 +111,13 @@ impl std::fmt::Debug for FaultProxy {
 impl FaultProxy {
     /// Listens on a free 127.0.0.1 port and forwards to `target`, passing everything.
     pub async fn start(target: SocketAddr) -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST.into(), target).await
+    }
+
+    /// Listens on a free port of `ip` — 127.0.0.1, or the gateway address of the harness's own
+    /// Docker network, where containers on it reach the host — and forwards to `target`.
+    pub async fn start_on(ip: std::net::IpAddr, target: SocketAddr) -> Result<Self> {
+        let listener = TcpListener::bind(SocketAddr::new(ip, 0)).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             fault: watch::Sender::new(Fault::Pass),
@@ -121,13 +127,19 @@ impl FaultProxy {
             to_client: AtomicU64::new(0),
             swallowed: AtomicU64::new(0),
         });
-        let task = tokio::spawn(accept(listener, target, shared.clone()));
+        let target = Arc::new(watch::Sender::new(target));
+        let task = tokio::spawn(accept(listener, target.clone(), shared.clone()));
         Ok(FaultProxy {
             addr,
             target,
             shared,
             task,
         })
+    }
+
+    /// Forwards new connections to `target` from now on (a restarted container's new address).
+    pub fn set_target(&self, target: SocketAddr) {
+        self.target.send_replace(target);
     }
 
     /// Where clients connect.
@@ -171,7 +183,7 @@ impl Drop for FaultProxy {
 }
 
 /// Accepts until the handle drops; each connection gets a task in `connections`.
-async fn accept(listener: TcpListener, target: SocketAddr, shared: Arc<Shared>) {
+async fn accept(listener: TcpListener, target: Arc<watch::Sender<SocketAddr>>, shared: Arc<Shared>) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -188,7 +200,7 @@ async fn accept(listener: TcpListener, target: SocketAddr, shared: Arc<Shared>) 
                         continue;
                     }
                     Fault::Blackhole => connections.spawn(swallow(client, shared.clone())),
-                    _ => connections.spawn(relay(client, target, shared.clone())),
+                    _ => connections.spawn(relay(client, *target.borrow(), shared.clone())),
                 };
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}

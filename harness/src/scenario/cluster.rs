@@ -132,13 +132,14 @@ pub enum Backend {
         /// The PIN file's good content while a wrong one is in place.
         saved_pin: Option<Vec<u8>>,
     },
-    /// OpenBao; on the process runtime node `i` reaches it through `proxies[i]`, on the container
-    /// runtime every node lists the three Raft nodes' addresses (no proxies).
+    /// OpenBao; node `i` reaches it through `proxies[i]`: one fault proxy on 127.0.0.1 on the
+    /// process runtime; on the container runtime one per Raft node, on the run network's gateway
+    /// (the host as its containers see it), and kleidi lists all of them.
     Vault {
         /// The server(s).
         bao: Bao,
         /// One fault proxy per node (process runtime).
-        proxies: Vec<FaultProxy>,
+        proxies: Vec<Vec<FaultProxy>>,
         /// Whether the server is paused (SIGSTOP).
         paused: bool,
         /// Whether it was stopped or killed and not started again.
@@ -311,11 +312,23 @@ impl Cluster {
                         let bao = OpenBao::start().await?;
                         let mut proxies = Vec::new();
                         for _ in 0..spec.nodes {
-                            proxies.push(FaultProxy::start(bao.listen_addr()).await?);
+                            proxies.push(vec![FaultProxy::start(bao.listen_addr()).await?]);
                         }
                         (Bao::Process(Box::new(bao)), proxies)
                     }
-                    Some(net) => (Bao::Raft(Box::new(OpenBaoRaft::launch(net).await?)), Vec::new()),
+                    Some(net) => {
+                        let raft = OpenBaoRaft::launch(net).await?;
+                        let gateway = crate::runtime::container::gateway(net).await?;
+                        let mut proxies = Vec::new();
+                        for _ in 0..spec.nodes {
+                            let mut own = Vec::new();
+                            for url in raft.urls() {
+                                own.push(FaultProxy::start_on(gateway, url_addr(&url)?).await?);
+                            }
+                            proxies.push(own);
+                        }
+                        (Bao::Raft(Box::new(raft)), proxies)
+                    }
                 };
                 Backend::Vault {
                     bao,
@@ -433,20 +446,22 @@ impl Cluster {
                     vec![("SOFTHSM2_CONF".to_string(), token.conf().display().to_string())],
                 )
             }
-            Backend::Vault { bao, proxies, .. } => match bao {
-                Bao::Process(bao) => {
-                    let url = proxies
-                        .get(index)
-                        .map(FaultProxy::url)
-                        .context("no proxy for this node")?;
-                    (bao.kleidi_flags(&url), Vec::new())
+            Backend::Vault { bao, proxies, .. } => {
+                let urls: Vec<String> = proxies
+                    .get(index)
+                    .context("no proxy for this node")?
+                    .iter()
+                    .map(FaultProxy::url)
+                    .collect();
+                match bao {
+                    Bao::Process(bao) => (bao.kleidi_flags(urls.first().context("no proxy")?), Vec::new()),
+                    Bao::Raft(raft) => {
+                        // The token file's directory at its host path; a proxy per Raft node.
+                        mounts.push(raft.token_dir().to_path_buf());
+                        (raft.host_kleidi_flags(&urls), Vec::new())
+                    }
                 }
-                Bao::Raft(raft) => {
-                    // The token file's directory at its host path; every node's address by name.
-                    mounts.push(raft.token_dir().to_path_buf());
-                    (raft.host_kleidi_flags(&raft.network_urls()), Vec::new())
-                }
-            },
+            }
             Backend::Tpm { tpms, .. } => (
                 tpms.get(index)
                     .context("no TPM for this node")?
@@ -613,6 +628,39 @@ impl Cluster {
     /// The kleidi binary the nodes run.
     pub fn kleidi_bin(&self) -> &Path {
         &self.kleidi
+    }
+}
+
+/// `ip:port` of an `http://ip:port` URL.
+fn url_addr(url: &str) -> Result<std::net::SocketAddr> {
+    url.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .with_context(|| format!("{url} is not http://ip:port"))
+}
+
+impl Cluster {
+    /// Points every proxy in front of OpenBao node `j` at its current address (a restarted
+    /// container may come back on another one).
+    pub(crate) fn retarget_proxies(&self) -> Result<()> {
+        if let Backend::Vault {
+            bao: Bao::Raft(raft),
+            proxies,
+            ..
+        } = &self.backend
+        {
+            let targets = raft
+                .urls()
+                .iter()
+                .map(|u| url_addr(u))
+                .collect::<Result<Vec<_>>>()?;
+            for own in proxies {
+                for (proxy, target) in own.iter().zip(&targets) {
+                    proxy.set_target(*target);
+                }
+            }
+        }
+        Ok(())
     }
 }
 

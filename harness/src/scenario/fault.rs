@@ -10,7 +10,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::cluster::{Backend, BackendKind, Cluster};
-use super::handles::Bao;
 use super::history::{ALL, Effect, Event, ExitRecord, FaultRecord, ROTATE, Role};
 use crate::runtime::{Fault as ProxyFault, RuntimeKind, Swtpm, TokenLease};
 
@@ -76,8 +75,8 @@ pub enum Fault {
     PauseTpm,
     /// SIGCONT the TPM (tpm; node 0's with several nodes).
     ResumeTpm,
-    /// Put a fault on node `n`'s proxy to OpenBao, or on every node's with `None` (vault, process
-    /// runtime).
+    /// Put a fault on node `n`'s proxies to OpenBao, or on every node's with `None` (vault; on the
+    /// container runtime a node has a proxy per Raft node, on the network's gateway).
     Proxy(Option<usize>, ProxyFault),
     /// Take node `n`'s plugin off the run's network: no backend reachable, its socket still
     /// answers the apiserver (container runtime).
@@ -218,7 +217,7 @@ impl Fault {
         );
         match runtime {
             RuntimeKind::Process => !container_only,
-            RuntimeKind::Container => !matches!(self, Self::Proxy(..)),
+            RuntimeKind::Container => true,
         }
     }
 }
@@ -261,6 +260,8 @@ impl Cluster {
             .act(fault)
             .await
             .with_context(|| format!("{verb} {target}"))?;
+        // A restarted OpenBao container may have a new address: the proxies follow it.
+        self.retarget_proxies()?;
         self.history.record(Event::Fault(FaultRecord {
             at_ms: self.history.now_ms(),
             verb,
@@ -432,12 +433,14 @@ impl Cluster {
                     *revoked = false;
                 }
                 Fault::DeleteKey => bao.delete_key().await?,
-                Fault::Proxy(_, _) if !matches!(bao, Bao::Process(_)) => {
-                    bail!("proxy faults need the process runtime's fault proxies")
-                }
+
                 Fault::Proxy(node, proxy_fault) => match node {
-                    Some(n) => proxies.get(*n).context("no such proxy")?.set(*proxy_fault),
-                    None => proxies.iter().for_each(|p| p.set(*proxy_fault)),
+                    Some(n) => proxies
+                        .get(*n)
+                        .context("no such proxy")?
+                        .iter()
+                        .for_each(|p| p.set(*proxy_fault)),
+                    None => proxies.iter().flatten().for_each(|p| p.set(*proxy_fault)),
                 },
                 _ => bail!("not a vault fault"),
             },
@@ -659,6 +662,7 @@ impl Cluster {
         for fault in heal {
             self.act_on_backend(&fault).await?;
         }
+        self.retarget_proxies()?;
         self.history.record(Event::Fault(FaultRecord {
             at_ms: self.history.now_ms(),
             verb: "heal".into(),

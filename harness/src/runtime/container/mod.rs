@@ -194,6 +194,28 @@ impl ContainerHandle {
     }
 }
 
+/// The gateway address of `network`: the host as the network's containers reach it (where the
+/// harness's fault proxies listen for them).
+pub async fn gateway(network: &str) -> Result<IpAddr> {
+    let inspect = docker()?
+        .inspect_network(
+            network,
+            None::<testcontainers::bollard::query_parameters::InspectNetworkOptions>,
+        )
+        .await
+        .with_context(|| format!("inspect network {network}"))?;
+    let gateway = inspect
+        .ipam
+        .and_then(|ipam| ipam.config)
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|c| c.gateway)
+        .with_context(|| format!("network {network} has no gateway"))?;
+    gateway
+        .parse()
+        .with_context(|| format!("network {network} gateway {gateway:?}"))
+}
+
 /// Containers of the harness on this engine now (any run): their names.
 pub async fn labelled_containers() -> Result<Vec<String>> {
     use std::collections::HashMap;
