@@ -26,7 +26,25 @@ pub use select::{RUNTIME_ENV, RuntimeKind};
 pub use softhsm::SoftHsmToken;
 pub use swtpm::{SharedKek, Swtpm};
 
-/// A free TCP port on 127.0.0.1 (bound and released; the OS does not hand it out again at once).
+/// Ports handed to servers that bind them later (etcd, OpenBao, swtpm): below Linux's ephemeral
+/// range (32768–60999), which the OS draws from for every `:0` bind — a fault proxy's, a client's —
+/// so a port released here is never given to someone else before its server binds it. (Seen on CI:
+/// a proxy took OpenBao's port meanwhile, and a test paused one server while another answered.)
+const HANDED_OUT: std::ops::Range<u16> = 20_000..32_000;
+
+/// A free TCP port on 127.0.0.1 for a server to bind: drawn at random from [`HANDED_OUT`] and
+/// checked bindable. Bounded: 1,000 draws.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use rand::Rng as _;
+    let mut rng = rand::rng();
+    for _ in 0..1_000 {
+        let port = rng.random_range(HANDED_OUT);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no free port in 20000..32000 after 1000 draws",
+    ))
 }

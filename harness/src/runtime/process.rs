@@ -125,8 +125,22 @@ impl Process {
     }
 
     /// Freezes the process (SIGSTOP): it holds its sockets but answers nothing, like a hung server.
+    /// Returns once every thread is stopped: the signal is only queued by `kill`, and a thread busy
+    /// on the other core was seen answering a request sent right after it (openbao_runtime on CI).
     pub fn pause(&self) -> Result<()> {
-        self.signal(Signal::SIGSTOP)
+        self.signal(Signal::SIGSTOP)?;
+        let Some(pid) = self.child.as_ref().and_then(Child::id) else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        // Bounded: 2 s, then paused is taken on trust (the signal is queued and will land).
+        while started.elapsed() < Duration::from_secs(2) {
+            if all_threads_stopped(pid) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// Undoes [`Process::pause`].
@@ -165,4 +179,21 @@ impl Drop for Process {
             let _ = child.start_kill();
         }
     }
+}
+
+/// Whether every thread of `pid` is in state `T` (stopped) per `/proc/<pid>/task/*/stat`.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(Result::ok).all(|task| {
+        std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            // The state follows the command name, which is in parentheses and may hold spaces.
+            .and_then(|stat| {
+                stat.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
+            })
+            .unwrap_or(false)
+    })
 }

@@ -423,12 +423,13 @@ async fn tpm_established(ctrl: u16) -> Result<()> {
     Ok(())
 }
 
-/// A free port P with P + 1 free too. Bounded: 100 tries.
+/// A free port P with P + 1 free too, outside the ephemeral range (see [`super::free_port`]).
+/// Bounded: 100 tries.
 fn free_port_pair() -> Result<u16> {
     for _ in 0..100 {
-        let first = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let port = first.local_addr()?.port();
-        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+        let port = super::free_port()?;
+        let first = std::net::TcpListener::bind(("127.0.0.1", port));
+        if first.is_ok() && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
             return Ok(port);
         }
     }
