@@ -175,6 +175,37 @@ pub fn bao_bin() -> Result<PathBuf> {
     )
 }
 
+/// The root calls that set up transit for kleidi, in order (process and Raft runtimes alike): the
+/// mount; no upsert, as setup.sh does on a mount of its own, so encrypt to a missing (deleted) key
+/// fails instead of silently creating a new one; the key; kleidi's least-privilege policy.
+pub(crate) fn transit_setup(mount: &str, key: &str) -> Vec<(&'static str, String, serde_json::Value)> {
+    let policy = KLEIDI_POLICY
+        .replace("transit/", &format!("{mount}/"))
+        .replace("kleidi-kek", key);
+    vec![
+        (
+            "POST",
+            format!("sys/mounts/{mount}"),
+            json!({ "type": "transit" }),
+        ),
+        (
+            "POST",
+            format!("{mount}/config/keys"),
+            json!({ "disable_upsert": true }),
+        ),
+        (
+            "POST",
+            format!("{mount}/keys/{key}"),
+            json!({ "type": "aes256-gcm96" }),
+        ),
+        (
+            "PUT",
+            "sys/policies/acl/kleidi".into(),
+            json!({ "policy": policy }),
+        ),
+    ]
+}
+
 /// A running OpenBao with transit, a key and a token for kleidi; killed on drop.
 pub struct OpenBao {
     process: Process,
@@ -463,30 +494,9 @@ impl OpenBao {
     }
 
     async fn set_up_transit(&self) -> Result<()> {
-        let (mount, key) = (&self.spec.mount, &self.spec.key);
-        self.root_call(
-            "POST",
-            &format!("sys/mounts/{mount}"),
-            Some(&json!({ "type": "transit" })),
-        )
-        .await?;
-        // As setup.sh does on a mount of its own: encrypt to a missing (deleted) key fails
-        // instead of silently creating a new one.
-        let no_upsert = json!({ "disable_upsert": true });
-        self.root_call("POST", &format!("{mount}/config/keys"), Some(&no_upsert))
-            .await?;
-        let key_type = json!({ "type": "aes256-gcm96" });
-        self.root_call("POST", &format!("{mount}/keys/{key}"), Some(&key_type))
-            .await?;
-        let policy = KLEIDI_POLICY
-            .replace("transit/", &format!("{mount}/"))
-            .replace("kleidi-kek", key);
-        self.root_call(
-            "PUT",
-            "sys/policies/acl/kleidi",
-            Some(&json!({ "policy": policy })),
-        )
-        .await?;
+        for (method, path, body) in transit_setup(&self.spec.mount, &self.spec.key) {
+            self.root_call(method, &path, Some(&body)).await?;
+        }
         Ok(())
     }
 

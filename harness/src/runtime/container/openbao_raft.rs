@@ -27,7 +27,7 @@ use testcontainers::{ContainerAsync, ImageExt as _};
 
 use super::{ContainerHandle, RUN_LABEL};
 use crate::images::openbao::{self, API_PORT, OpenBaoImage};
-use crate::runtime::{BaoClient, BaoResponse, KLEIDI_POLICY, TokenLease};
+use crate::runtime::{BaoClient, BaoResponse, TokenLease};
 
 /// Where a kleidi container mounts [`OpenBaoRaft::token_mount`]: the token directory, read-only.
 /// A directory, not the file: [`OpenBaoRaft::new_token`] replaces the file by a rename, which a
@@ -714,30 +714,9 @@ impl OpenBaoRaft {
     }
 
     async fn set_up_transit(&self) -> Result<()> {
-        let (mount, key) = (&self.mount, &self.key);
-        self.root_call(
-            "POST",
-            &format!("sys/mounts/{mount}"),
-            Some(&json!({ "type": "transit" })),
-        )
-        .await?;
-        // As setup.sh does on a mount of its own: encrypt to a missing (deleted) key fails
-        // instead of silently creating a new one.
-        let no_upsert = json!({ "disable_upsert": true });
-        self.root_call("POST", &format!("{mount}/config/keys"), Some(&no_upsert))
-            .await?;
-        let key_type = json!({ "type": "aes256-gcm96" });
-        self.root_call("POST", &format!("{mount}/keys/{key}"), Some(&key_type))
-            .await?;
-        let policy = KLEIDI_POLICY
-            .replace("transit/", &format!("{mount}/"))
-            .replace("kleidi-kek", key);
-        self.root_call(
-            "PUT",
-            "sys/policies/acl/kleidi",
-            Some(&json!({ "policy": policy })),
-        )
-        .await?;
+        for (method, path, body) in crate::runtime::openbao::transit_setup(&self.mount, &self.key) {
+            self.root_call(method, &path, Some(&body)).await?;
+        }
         Ok(())
     }
 
