@@ -116,16 +116,27 @@ async fn cli(cli: Cli) -> Result<bool> {
         Command::List => {
             for s in kleidi_scenarios::all() {
                 let backends: Vec<&str> = s.backends.iter().map(|b| b.name()).collect();
+                // The runtimes that can run its timeline; TPM runs on processes only.
+                let tpm_only = s.backends.iter().all(|b| *b == BackendKind::Tpm);
+                let runtimes: Vec<&str> = [RuntimeKind::Process, RuntimeKind::Container]
+                    .into_iter()
+                    .filter(|r| s.unsupported_on(*r).is_none())
+                    .filter(|r| !(tpm_only && *r == RuntimeKind::Container))
+                    .map(RuntimeKind::name)
+                    .collect();
                 println!(
-                    "{:<36} {:>4}s  {:<14} {}",
+                    "{:<40} {:>4}s  {:<26} {:<18} {}",
                     s.name,
                     s.length.as_secs(),
                     backends.join(","),
+                    runtimes.join(","),
                     s.about
                 );
             }
-            let (name, backends) = ("random", "pkcs11,vault");
-            println!("{name:<36}  300s  {backends:<14} randomized nemesis (`random --length 300s`)");
+            let (name, backends, runtimes) = ("random", "pkcs11,vault", "process,container");
+            println!(
+                "{name:<40}  300s  {backends:<26} {runtimes:<18} randomized nemesis (`random --length 300s`)"
+            );
             return Ok(true);
         }
         Command::Run {
