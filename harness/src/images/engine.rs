@@ -35,19 +35,31 @@ fn engine_socket() -> PathBuf {
     }
 }
 
-/// The engine's highest API minor version, from an unversioned `GET /version`.
-fn engine_minor(socket: &std::path::Path) -> Result<u8> {
-    let mut stream = StdUnixStream::connect(socket)
+/// The engine's API version (`1.41`), from an unversioned `GET /version` on its socket (`DOCKER_HOST`
+/// when it is `unix://…`, else the default), bounded by a second each way: whether an engine
+/// answers at all is also how a run picks its runtime.
+pub fn api_version() -> Result<String> {
+    let socket = engine_socket();
+    let mut stream = StdUnixStream::connect(&socket)
         .with_context(|| format!("no Docker engine at {}", socket.display()))?;
+    let limit = Some(std::time::Duration::from_secs(1));
+    stream.set_read_timeout(limit)?;
+    stream.set_write_timeout(limit)?;
     stream.write_all(b"GET /version HTTP/1.0\r\nHost: docker\r\n\r\n")?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer)?;
     let body = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
     let version: serde_json::Value = serde_json::from_str(body).context("engine /version is not JSON")?;
-    let api = version
+    version
         .get("ApiVersion")
         .and_then(|v| v.as_str())
-        .unwrap_or_default();
+        .map(str::to_string)
+        .context("engine /version has no ApiVersion")
+}
+
+/// The engine's highest API minor version.
+fn engine_minor() -> Result<u8> {
+    let api = api_version()?;
     api.strip_prefix("1.")
         .and_then(|minor| minor.parse().ok())
         .with_context(|| format!("engine API version {api:?} is not 1.NN"))
@@ -55,7 +67,7 @@ fn engine_minor(socket: &std::path::Path) -> Result<u8> {
 
 fn start_relay() -> Result<Option<String>> {
     let engine = engine_socket();
-    let minor = engine_minor(&engine)?;
+    let minor = engine_minor()?;
     if usize::from(minor) >= CLIENT_MINOR {
         return Ok(None);
     }

@@ -57,7 +57,7 @@ async fn start_on_network<I: Image>(request: ContainerRequest<I>) -> Result<(Con
 }
 
 /// Calls `probe` until it succeeds or `limit` passes; then the last error, naming `what`.
-async fn poll<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> Result<T>
+pub(crate) async fn poll<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T>>,

@@ -20,6 +20,9 @@ use testcontainers::bollard::query_parameters::{
     LogsOptionsBuilder, StartContainerOptions, StopContainerOptionsBuilder,
 };
 
+/// Bound on the engine reporting a killed container stopped.
+const EXIT_LIMIT: Duration = Duration::from_secs(20);
+
 /// The label every container of a harness run carries (value: the run's network name).
 pub const RUN_LABEL: &str = "io.kleidi.harness.run";
 
@@ -67,13 +70,21 @@ impl ContainerHandle {
         &self.id
     }
 
-    /// SIGKILL its main process: the container stops, its filesystem stays.
+    /// SIGKILL its main process (a paused container's too) and waits until the engine reports it
+    /// stopped: the container stops, its filesystem stays.
     pub async fn kill(&self) -> Result<()> {
         let options = KillContainerOptionsBuilder::new().signal("KILL").build();
         self.docker
             .kill_container(&self.id, Some(options))
             .await
-            .with_context(|| format!("kill {}", self.name))
+            .with_context(|| format!("kill {}", self.name))?;
+        crate::images::poll("a killed container to stop", EXIT_LIMIT, || async {
+            match self.is_running().await? {
+                true => anyhow::bail!("{} still runs", self.name),
+                false => Ok(()),
+            }
+        })
+        .await
     }
 
     /// SIGTERM, SIGKILL after `grace`; the exit code.

@@ -27,6 +27,7 @@ use testcontainers::{ContainerAsync, ImageExt as _};
 
 use super::{ContainerHandle, RUN_LABEL};
 use crate::images::openbao::{self, API_PORT, OpenBaoImage};
+use crate::images::poll;
 use crate::runtime::{BaoClient, BaoResponse, TokenLease};
 
 /// Where a kleidi container mounts [`OpenBaoRaft::token_mount`]: the token directory, read-only.
@@ -44,8 +45,6 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const READY_LIMIT: Duration = Duration::from_secs(90);
 /// How long an admin call keeps looking for a leader that takes it (an election takes seconds).
 const ADMIN_LIMIT: Duration = Duration::from_secs(30);
-/// Bound on a killed container being reported stopped by the engine.
-const EXIT_LIMIT: Duration = Duration::from_secs(20);
 /// Bound on a change reaching every standby (measured: about 200 ms behind the leader).
 const SETTLE_LIMIT: Duration = Duration::from_secs(20);
 
@@ -510,15 +509,7 @@ impl OpenBaoRaft {
     /// SIGKILL node `i`'s container (a crash; a paused one too) and waits until the engine reports
     /// it stopped. Raft data stays in the container; [`Self::start`] brings it back sealed.
     pub async fn kill(&self, i: usize) -> Result<()> {
-        let handle = self.handle(i)?;
-        handle.kill().await?;
-        poll("a killed container to stop", EXIT_LIMIT, || async {
-            match handle.is_running().await? {
-                true => bail!("{} still runs", handle.name()),
-                false => Ok(()),
-            }
-        })
-        .await
+        self.handle(i)?.kill().await
     }
 
     /// Graceful stop of node `i` (SIGTERM; a leader hands over; SIGKILL after 10 s).
@@ -852,24 +843,6 @@ async fn leader_address(client: BaoClient) -> Result<Option<String>> {
         .and_then(serde_json::Value::as_str)
         .filter(|a| !a.is_empty())
         .map(str::to_string))
-}
-
-/// Calls `probe` until it succeeds or `limit` passes; then the last error, naming `what`.
-pub(super) async fn poll<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T>>,
-{
-    let started = Instant::now();
-    loop {
-        match probe().await {
-            Ok(value) => return Ok(value),
-            Err(e) if started.elapsed() > limit => {
-                return Err(e.context(format!("{what} not ready after {limit:?}")));
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
 }
 
 /// A duration as OpenBao parses it (Go syntax, whole milliseconds).
