@@ -24,11 +24,9 @@ use zeroize::Zeroize;
 use crate::config::VaultArgs;
 use crate::{Error, Result};
 
-/// How long to wait for a TCP + TLS connection before trying the next address: short, so a
-/// black-holed first address still leaves time for the others within the call budget.
+/// How long to wait for a TCP + TLS connection to one address: short, so a black-holed address
+/// fails fast and the next starts at once instead of at its hedge time.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
-/// Bound on one HTTP exchange with one address.
-const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
 /// The most one kleidi call spends on Vault, every address, login and retry included, unless
 /// `kleidi serve` derives another from `--call-timeout`: 7/8 of the default 2 s, so a call Vault
 /// cannot answer ends with its class (`network`, `sealed`) instead of the guard's bare timeout,
@@ -82,7 +80,7 @@ impl Nodes {
         }
         // Read before building: a change while building shows at the next check.
         let tls_files = tls_files_digest(args);
-        let nodes = build_nodes(args)?;
+        let nodes = build_nodes(args, budget)?;
         Ok(Self {
             nodes: RwLock::new(nodes.into()),
             preferred: AtomicUsize::new(0),
@@ -116,7 +114,7 @@ impl Nodes {
             }
             *seen = Some(now);
         }
-        match build_nodes(&self.args) {
+        match build_nodes(&self.args, self.budget) {
             Ok(nodes) => {
                 *self
                     .nodes
@@ -140,11 +138,14 @@ impl Nodes {
             .clone()
     }
 
-    /// Runs `f` against the preferred address, then each other address once if the answer says that
-    /// server cannot serve (network, 5xx, sealed, standby). Any other answer is final. Everything
-    /// ends by `deadline`: each attempt gets an equal share of the time left among the addresses
-    /// not yet tried (so two hung addresses out of three still leave time for the third), and one
-    /// that runs out of its share counts as a `network` failure.
+    /// Runs `f` against the preferred address and, if that gives no answer for a while, against
+    /// each next address too, all in flight together (a hedged request): the first success wins,
+    /// the others are dropped. An answer that says its server cannot serve (network, 5xx, sealed,
+    /// standby) starts the next address at once; any other answer is final. Every attempt may run
+    /// until `deadline`, so three addresses all answering slowly within the budget still answer
+    /// (behind a Raft cluster every node forwards to one leader: when it is slow, all are); the
+    /// next address starts after `budget / addresses`, so two hung addresses out of three still
+    /// leave the third a third of the budget.
     pub(super) async fn send<T>(
         &self,
         op: Op,
@@ -152,40 +153,70 @@ impl Nodes {
         deadline: Instant,
         f: &(dyn Fn(Call) -> BoxFut<T> + Send + Sync),
     ) -> Result<T> {
+        use futures_util::StreamExt as _;
+
         let nodes = self.snapshot();
         let count = nodes.len();
         let start = self.preferred.load(Ordering::Relaxed) % count.max(1);
+        // `count` >= 1 (checked at construction); the division is safe either way.
+        let hedge_after = self.budget / u32::try_from(count.max(1)).unwrap_or(u32::MAX);
+        let mut started = 0;
+        let mut next_at = Instant::now();
+        let mut in_flight = futures_util::stream::FuturesUnordered::new();
         let mut last = None;
-        for attempt in 0..count {
-            let index = (start + attempt) % count;
-            let Some(node) = nodes.get(index) else {
-                continue;
-            };
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left < MIN_ATTEMPT {
+        loop {
+            let now = Instant::now();
+            if started < count && now >= next_at && deadline.saturating_duration_since(now) >= MIN_ATTEMPT {
+                let index = (start + started) % count;
+                if let Some(node) = nodes.get(index) {
+                    if started > 0 && last.is_none() {
+                        tracing::debug!(addr = %node.addr, "vault: no answer yet; asking this address as well");
+                    }
+                    let call = Call::new(node, token, self.namespace.clone());
+                    let answer = tokio::time::timeout_at(deadline.into(), f(call));
+                    in_flight.push(async move { (index, answer.await) });
+                }
+                started += 1;
+                next_at = now + hedge_after;
+            }
+            if in_flight.is_empty() {
                 break;
             }
-            // `count - attempt` >= 1 and at most the number of addresses: the division is safe.
-            let share = left / u32::try_from(count - attempt).unwrap_or(u32::MAX);
-            let call = Call::new(node, token, self.namespace.clone());
-            let answer = match tokio::time::timeout(share, f(call)).await {
+            let hedge = async {
+                match started < count {
+                    true => tokio::time::sleep_until(next_at.into()).await,
+                    false => std::future::pending().await,
+                }
+            };
+            let (index, answer) = tokio::select! {
+                Some(done) = in_flight.next() => done,
+                () = hedge => continue,
+                else => break,
+            };
+            let addr = nodes.get(index).map(|n| n.addr.as_str()).unwrap_or_default();
+            let answer = match answer {
                 Ok(answer) => answer.map_err(|e| classify(op, e)),
                 Err(_) => Err(unavailable(
                     "network",
-                    format!("timeout: no answer within {} ms", share.as_millis()),
+                    format!(
+                        "timeout: no answer within the {} ms budget",
+                        self.budget.as_millis()
+                    ),
                 )),
             };
             match answer {
                 Ok(value) => {
                     if index != start {
                         self.preferred.store(index, Ordering::Relaxed);
-                        tracing::info!(addr = %node.addr, "vault: now using this address");
+                        tracing::info!(addr = %addr, "vault: now using this address");
                     }
                     return Ok(value);
                 }
                 Err(err) if fails_over(&err) && count > 1 => {
-                    tracing::warn!(addr = %node.addr, class = err.class(), error = %err, "vault address failed; trying the next");
+                    tracing::warn!(addr = %addr, class = err.class(), error = %err, "vault address failed; trying the next");
                     last = Some(err);
+                    // Its share is not waited out: the next address starts now.
+                    next_at = Instant::now();
                 }
                 Err(err) => return Err(err),
             }
@@ -202,8 +233,9 @@ impl Nodes {
     }
 }
 
-/// One client per address, all with the TLS configuration the flags' files hold now.
-fn build_nodes(args: &VaultArgs) -> Result<Vec<Node>> {
+/// One client per address, all with the TLS configuration the flags' files hold now; no exchange
+/// outlives `budget` (the caller's deadline usually ends it sooner).
+fn build_nodes(args: &VaultArgs, budget: Duration) -> Result<Vec<Node>> {
     let tls = tls_config(args)?;
     let mut nodes = Vec::new();
     for addr in &args.vault_addr {
@@ -218,7 +250,7 @@ fn build_nodes(args: &VaultArgs) -> Result<Vec<Node>> {
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls.clone())
             .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
+            .timeout(budget)
             .pool_idle_timeout(Duration::from_secs(30))
             .no_proxy()
             .build()
@@ -229,7 +261,7 @@ fn build_nodes(args: &VaultArgs) -> Result<Vec<Node>> {
             address: url,
             ca_certs: Vec::new(),
             identity: None,
-            timeout: Some(REQUEST_TIMEOUT),
+            timeout: Some(budget),
             token: String::new(),
             verify: true,
             version: 1,
