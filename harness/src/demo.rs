@@ -65,7 +65,7 @@ async fn start_backend(kleidi: &Path, backend: DemoBackend) -> Result<(KeyServic
             let tpm = Swtpm::start().await?;
             println!("    {}", tpm.tcti());
             step("creating a TPM-wrapped key-encryption key with `kleidi tpm init`");
-            println!("    key_id {}", tpm.init_key(kleidi)?);
+            println!("    key_id {}", tpm.init_key(kleidi).await?);
             step("starting `kleidi serve --backend tpm`");
             // Under the swtpm's temp dir, so its removal takes the socket along.
             let run = tpm.dir().join("run");

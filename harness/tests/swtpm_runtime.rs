@@ -33,7 +33,7 @@ impl Rig {
     async fn start() -> Self {
         let bin = kleidi_bin().unwrap();
         let tpm = Swtpm::start().await.unwrap();
-        let key_id = tpm.init_key(&bin).unwrap();
+        let key_id = tpm.init_key(&bin).await.unwrap();
         let socket = tpm.dir().join("kms.sock");
         let env = [("TSS2_LOG".to_string(), "all+none".to_string())];
         let log = tpm.dir().join("kleidi.log");
@@ -160,7 +160,7 @@ async fn three_tpms_enrolled_by_the_cli_share_one_kek_and_a_rotation_reaches_all
     for _ in 0..3 {
         tpms.push(Swtpm::start().await.unwrap());
     }
-    let refs: Vec<&Swtpm> = tpms.iter().collect();
+    let refs: Vec<_> = tpms.iter().map(Swtpm::access).collect();
     let mut shared = SharedKek::enrol(&bin, &refs).await.unwrap();
     let first = shared.key_id().to_owned();
     assert!(first.starts_with("tpm:"), "{first}");

@@ -116,12 +116,10 @@ async fn cli(cli: Cli) -> Result<bool> {
         Command::List => {
             for s in kleidi_scenarios::all() {
                 let backends: Vec<&str> = s.backends.iter().map(|b| b.name()).collect();
-                // The runtimes that can run its timeline; TPM runs on processes only.
-                let tpm_only = s.backends.iter().all(|b| *b == BackendKind::Tpm);
+                // The runtimes that can run its timeline.
                 let runtimes: Vec<&str> = [RuntimeKind::Process, RuntimeKind::Container]
                     .into_iter()
                     .filter(|r| s.unsupported_on(*r).is_none())
-                    .filter(|r| !(tpm_only && *r == RuntimeKind::Container))
                     .map(RuntimeKind::name)
                     .collect();
                 println!(

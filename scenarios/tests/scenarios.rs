@@ -24,12 +24,7 @@ async fn check(scenario: Scenario, backend: BackendKind) {
 async fn options_for(scenario: &Scenario, backend: BackendKind) -> Option<RunOptions> {
     engine();
     let mut opts = RunOptions::from_env().unwrap();
-    let why = if backend == BackendKind::Tpm && opts.runtime == RuntimeKind::Container {
-        Some("the tpm backend: not supported by the container runtime".to_string())
-    } else {
-        scenario.unsupported_on(opts.runtime)
-    };
-    let Some(why) = why else {
+    let Some(why) = scenario.unsupported_on(opts.runtime) else {
         eprintln!("RUNTIME {} ({})", opts.runtime.name(), opts.runtime_reason);
         return Some(opts);
     };

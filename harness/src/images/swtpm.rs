@@ -1,7 +1,7 @@
 //! A TPM 2.0 in a container (`kleidi-swtpm`, Debian's swtpm): `swtpm socket --tpm2` powered on and
 //! started (`TPM2_Startup(CLEAR)` by swtpm itself), the command port on 2321 and the control port
-//! on 2322 of the container's network address. Ready when a `TPM2_GetCapability` sent to the
-//! command port comes back `TPM_RC_SUCCESS`.
+//! on 2322 of the container's network address. Ready when the TPM answers a command ([`answers`],
+//! also what the process runtime's swtpm waits for).
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
@@ -24,11 +24,13 @@ pub const COMMAND_PORT: u16 = 2321;
 /// The swtpm control port (power, reset) inside the container.
 pub const CTRL_PORT: u16 = 2322;
 
-/// `TPM2_GetCapability(TPM_CAP_TPM_PROPERTIES, TPM_PT_MANUFACTURER, 1)`, no sessions.
-const GET_CAPABILITY: [u8; 22] = [
-    0x80, 0x01, 0x00, 0x00, 0x00, 0x16, 0x00, 0x00, 0x01, 0x7a, 0x00, 0x00, 0x00, 0x06, 0x00, 0x00, 0x01,
-    0x05, 0x00, 0x00, 0x00, 0x01,
-];
+/// TPM2_GetRandom(8) with no sessions: tag TPM_ST_NO_SESSIONS, size 12, TPM_CC_GetRandom.
+const GET_RANDOM: [u8; 12] = [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b, 0, 8];
+/// CMD_GET_TPMESTABLISHED on the control channel: answered by the TPM library, also while a
+/// client holds the data channel.
+const GET_ESTABLISHED: [u8; 4] = [0, 0, 0, 0x04];
+/// How long one probe waits for an answer (a paused swtpm never answers).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// `swtpm socket --tpm2` keeping its state in a directory of the container.
 #[derive(Clone, Debug)]
@@ -109,25 +111,67 @@ impl SwtpmContainer {
         format!("swtpm:host={},port={COMMAND_PORT}", self.ip)
     }
 
-    /// Waits up to `limit` for a `TPM2_GetCapability` round trip answered with success.
+    /// Waits up to `limit` until the TPM answers ([`answers`]).
     pub async fn wait_ready(&self, limit: Duration) -> Result<()> {
-        poll("swtpm", limit, || async {
-            let mut stream = TcpStream::connect(self.command_addr()).await?;
-            stream.write_all(&GET_CAPABILITY).await?;
-            // The response header: tag (2), size (4), response code (4).
-            let mut header = [0u8; 10];
-            tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut header)).await??;
-            let [_, _, _, _, _, _, rc @ ..] = header;
-            match u32::from_be_bytes(rc) {
-                0 => Ok(()),
-                rc => bail!("TPM2_GetCapability answered TPM_RC {rc:#x}"),
-            }
-        })
-        .await
+        poll("swtpm", limit, || answers(self.command_addr())).await
+    }
+
+    /// Reads its address again: a container started again may get another one on its network.
+    pub async fn refresh_address(&mut self) -> Result<IpAddr> {
+        self.ip = self.container.get_bridge_ip_address().await?;
+        Ok(self.ip)
     }
 
     /// The container, for its verbs (stop, start, pause, unpause) and logs.
     pub fn container(&self) -> &ContainerAsync<SwtpmImage> {
         &self.container
+    }
+}
+
+/// One TPM round trip: TPM2_GetRandom on the command port `command`, answered with success. swtpm
+/// serves one data connection at a time, so when a client holds it (kleidi reconnecting after a
+/// restart) the answer comes from the control channel on the next port instead:
+/// CMD_GET_TPMESTABLISHED, which also needs a running TPM. A paused swtpm answers neither; each
+/// probe gives up after a second.
+pub async fn answers(command: SocketAddr) -> Result<()> {
+    let control = SocketAddr::new(command.ip(), command.port() + 1);
+    match bounded(get_random(command)).await {
+        Ok(()) => Ok(()),
+        Err(data) => bounded(tpm_established(control))
+            .await
+            .map_err(|ctrl| anyhow::anyhow!("data channel: {data:#}; control channel: {ctrl:#}")),
+    }
+}
+
+async fn bounded(probe: impl Future<Output = Result<()>>) -> Result<()> {
+    tokio::time::timeout(PROBE_TIMEOUT, probe)
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {PROBE_TIMEOUT:?}")))
+}
+
+/// One TPM2_GetRandom round trip; Ok only for TPM_RC_SUCCESS.
+async fn get_random(addr: SocketAddr) -> Result<()> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(&GET_RANDOM).await?;
+    // The response header: tag (2), size (4), response code (4).
+    let mut header = [0u8; 10];
+    stream.read_exact(&mut header).await?;
+    let [_, _, _, _, _, _, rc @ ..] = header;
+    match u32::from_be_bytes(rc) {
+        0 => Ok(()),
+        rc => bail!("TPM2_GetRandom answered TPM_RC {rc:#x}"),
+    }
+}
+
+/// CMD_GET_TPMESTABLISHED on the control port; Ok only for TPM_SUCCESS.
+async fn tpm_established(addr: SocketAddr) -> Result<()> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(&GET_ESTABLISHED).await?;
+    let mut answer = [0u8; 8];
+    stream.read_exact(&mut answer).await?;
+    let [a, b, c, d, ..] = answer;
+    match u32::from_be_bytes([a, b, c, d]) {
+        0 => Ok(()),
+        rc => bail!("CMD_GET_TPMESTABLISHED answered {rc:#x}"),
     }
 }

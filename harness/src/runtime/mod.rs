@@ -24,7 +24,7 @@ pub use process::Process;
 pub use proxy::{Direction, Fault, FaultProxy, ProxyStats};
 pub use select::{RUNTIME_ENV, RuntimeKind};
 pub use softhsm::SoftHsmToken;
-pub use swtpm::{SharedKek, Swtpm};
+pub use swtpm::{SharedKek, Swtpm, TpmAccess};
 
 /// Ports handed to servers that bind them later (etcd, OpenBao, swtpm): below Linux's ephemeral
 /// range (32768–60999), which the OS draws from for every `:0` bind — a fault proxy's, a client's —

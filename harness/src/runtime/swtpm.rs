@@ -8,20 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
-
 use super::Process;
 use super::etcd::which;
+use anyhow::{Context, Result, bail};
 
-/// TPM2_GetRandom(8) with no sessions: tag TPM_ST_NO_SESSIONS, size 12, TPM_CC_GetRandom.
-const GET_RANDOM: [u8; 12] = [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b, 0, 8];
-/// CMD_GET_TPMESTABLISHED on the control channel: answered by the TPM library, also while a
-/// client holds the data channel.
-const GET_ESTABLISHED: [u8; 4] = [0, 0, 0, 0x04];
-/// How long a readiness probe waits for one answer (a paused swtpm never answers).
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const READY_LIMIT: Duration = Duration::from_secs(20);
 
 /// One software TPM for one node of a run.
@@ -93,20 +83,6 @@ impl Swtpm {
         ]
     }
 
-    /// `kleidi tpm init` on this TPM (the command a user runs): a new current key. Returns its key_id.
-    pub fn init_key(&self, kleidi: &Path) -> Result<String> {
-        let out = std::process::Command::new(kleidi)
-            .args(["tpm", "init", "--tpm-tcti", &self.tcti(), "--tpm-state-dir"])
-            .arg(self.kleidi_state_dir())
-            .env("TSS2_LOG", "all+none")
-            .output()
-            .with_context(|| format!("running {}", kleidi.display()))?;
-        if !out.status.success() {
-            bail!("kleidi tpm init failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    }
-
     /// SIGKILL: the TPM is gone; its state stays on disk.
     pub async fn kill(&mut self) -> Result<()> {
         self.process.kill().await
@@ -143,29 +119,51 @@ impl Swtpm {
         self.start_again().await
     }
 
-    /// Waits until the TPM answers TPM2_GetRandom with success on the data channel. swtpm serves
-    /// one data connection at a time, so when kleidi got there first (its reconnect after a
-    /// restart) the answer comes from the control channel instead: CMD_GET_TPMESTABLISHED, which
-    /// also needs a running TPM. A paused swtpm answers neither.
+    /// Waits until the TPM answers a command ([`crate::images::swtpm::answers`]).
     pub async fn wait_ready(&self, limit: Duration) -> Result<()> {
+        let command = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
         let started = Instant::now();
-        let mut last = String::from("no attempt");
-        while started.elapsed() < limit {
-            let data = bounded(get_random(self.port)).await;
-            let answer = match data {
-                Ok(()) => Ok(()),
-                Err(_) => bounded(tpm_established(self.port + 1)).await,
-            };
-            match answer {
+        loop {
+            match crate::images::swtpm::answers(command).await {
                 Ok(()) => return Ok(()),
-                Err(e) => last = format!("{e:#}"),
+                Err(e) if started.elapsed() > limit => bail!(
+                    "swtpm did not answer a TPM command within {limit:?} ({e:#}); log:\n{}",
+                    self.process.logs()
+                ),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        bail!(
-            "swtpm did not answer a TPM command within {limit:?} ({last}); log:\n{}",
-            self.process.logs()
-        )
+    }
+
+    /// `kleidi tpm init` on this TPM: a new current key. Returns its key_id.
+    pub async fn init_key(&self, kleidi: &Path) -> Result<String> {
+        self.access().init_key(kleidi).await
+    }
+
+    /// What enrolment needs of it.
+    pub fn access(&self) -> TpmAccess {
+        TpmAccess {
+            tcti: self.tcti(),
+            state_dir: self.kleidi_state_dir(),
+        }
+    }
+}
+
+/// How the harness reaches one node's TPM (`--tpm-tcti`) and where that node's kleidi keeps its
+/// TPM-wrapped keys (`--tpm-state-dir`, a host directory): all that `kleidi tpm` enrolment and
+/// rotation need, whether the TPM is a local swtpm or a container's.
+#[derive(Clone, Debug)]
+pub struct TpmAccess {
+    /// The TCTI string reaching the TPM from the host.
+    pub tcti: String,
+    /// kleidi's state directory for this TPM.
+    pub state_dir: PathBuf,
+}
+
+impl TpmAccess {
+    /// `kleidi tpm init` on this TPM (the command a user runs): a new current key. Returns its key_id.
+    pub async fn init_key(&self, kleidi: &Path) -> Result<String> {
+        kleidi_tpm(kleidi, Some((self, &self.state_dir)), &["init"]).await
     }
 }
 
@@ -182,14 +180,14 @@ pub struct SharedKek {
 
 impl SharedKek {
     /// Enrols one new shareable KEK on every TPM of `tpms` (node 0 first), each with its own
-    /// [`Swtpm::kleidi_state_dir`]. Run before the nodes' plugins start: each import makes the key
+    /// [`TpmAccess::state_dir`]. Run before the nodes' plugins start: each import makes the key
     /// current there at once.
-    pub async fn enrol(kleidi: &Path, tpms: &[&Swtpm]) -> Result<Self> {
+    pub async fn enrol(kleidi: &Path, tpms: &[TpmAccess]) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("kleidi-tpm-admin-").tempdir()?;
         let admin = dir.path().join("admin");
         kleidi_tpm(kleidi, None, &["admin-key", "--out", &path_str(&admin)?]).await?;
         let (first, others) = tpms.split_first().context("no TPM to enrol")?;
-        let key_id = init_shareable(kleidi, first, &first.kleidi_state_dir(), dir.path()).await?;
+        let key_id = init_shareable(kleidi, first, &first.state_dir, dir.path()).await?;
         let kek = SharedKek {
             dir,
             key_id,
@@ -200,7 +198,7 @@ impl SharedKek {
             let parent = kek.file(node, "parent");
             let name = kleidi_tpm(
                 kleidi,
-                Some((tpm, &tpm.kleidi_state_dir())),
+                Some((tpm, &tpm.state_dir)),
                 &["export-parent", "--out", &path_str(&parent)?],
             )
             .await?;
@@ -223,15 +221,8 @@ impl SharedKek {
             if approved != name {
                 bail!("node {node}: export-parent printed {name}, approve printed {approved}");
             }
-            kek.share(
-                kleidi,
-                first,
-                &first.kleidi_state_dir(),
-                node,
-                tpm,
-                &tpm.kleidi_state_dir(),
-            )
-            .await?;
+            kek.share(kleidi, first, &first.state_dir, node, tpm, &tpm.state_dir)
+                .await?;
         }
         Ok(kek)
     }
@@ -253,7 +244,7 @@ impl SharedKek {
     /// `current` switched (an atomic rename, as kleidi writes it). Serving plugins pick the new key
     /// up by themselves (Status re-reads `current`; Decrypt re-reads the directory for an unknown
     /// key). Returns the new key_id.
-    pub async fn rotate(&mut self, kleidi: &Path, tpms: &[&Swtpm]) -> Result<String> {
+    pub async fn rotate(&mut self, kleidi: &Path, tpms: &[TpmAccess]) -> Result<String> {
         self.rotations += 1;
         let stage = self.dir.path().join(format!("rotation-{}", self.rotations));
         let staged = |node: usize| stage.join(format!("node-{node}"));
@@ -265,13 +256,10 @@ impl SharedKek {
                 .await?;
         }
         for (node, tpm) in tpms.iter().enumerate() {
-            install_keys(&staged(node), &tpm.kleidi_state_dir())?;
+            install_keys(&staged(node), &tpm.state_dir)?;
         }
         for (node, tpm) in tpms.iter().enumerate() {
-            copy_atomically(
-                &staged(node).join("current"),
-                &tpm.kleidi_state_dir().join("current"),
-            )?;
+            copy_atomically(&staged(node).join("current"), &tpm.state_dir.join("current"))?;
         }
         self.key_id = key_id.clone();
         Ok(key_id)
@@ -286,10 +274,10 @@ impl SharedKek {
     async fn share(
         &self,
         kleidi: &Path,
-        from: &Swtpm,
+        from: &TpmAccess,
         from_state: &Path,
         node: usize,
-        to: &Swtpm,
+        to: &TpmAccess,
         to_state: &Path,
     ) -> Result<()> {
         let exported = self.file(node, &format!("kek-{}", self.rotations));
@@ -321,7 +309,7 @@ impl SharedKek {
 }
 
 /// `kleidi tpm init --shareable` on `tpm` into `state`, its policy naming `admin_dir`/admin.pub.
-async fn init_shareable(kleidi: &Path, tpm: &Swtpm, state: &Path, admin_dir: &Path) -> Result<String> {
+async fn init_shareable(kleidi: &Path, tpm: &TpmAccess, state: &Path, admin_dir: &Path) -> Result<String> {
     kleidi_tpm(
         kleidi,
         Some((tpm, state)),
@@ -365,15 +353,14 @@ fn path_str(path: &Path) -> Result<String> {
 
 /// Runs `kleidi tpm ARGS` (with `--tpm-tcti` and `--tpm-state-dir` for a TPM command) and returns
 /// what it printed: a key_id or a Name, never key material.
-async fn kleidi_tpm(kleidi: &Path, tpm: Option<(&Swtpm, &Path)>, args: &[&str]) -> Result<String> {
+async fn kleidi_tpm(kleidi: &Path, tpm: Option<(&TpmAccess, &Path)>, args: &[&str]) -> Result<String> {
     let mut cmd = tokio::process::Command::new(kleidi);
     cmd.arg("tpm")
         .args(args)
         .env("TSS2_LOG", "all+none")
         .kill_on_drop(true);
     if let Some((tpm, state)) = tpm {
-        cmd.args(["--tpm-tcti", &tpm.tcti(), "--tpm-state-dir"])
-            .arg(state);
+        cmd.args(["--tpm-tcti", &tpm.tcti, "--tpm-state-dir"]).arg(state);
     }
     let out = cmd
         .output()
@@ -387,40 +374,6 @@ async fn kleidi_tpm(kleidi: &Path, tpm: Option<(&Swtpm, &Path)>, args: &[&str]) 
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-async fn bounded(probe: impl Future<Output = Result<()>>) -> Result<()> {
-    tokio::time::timeout(PROBE_TIMEOUT, probe)
-        .await
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {PROBE_TIMEOUT:?}")))
-}
-
-/// One TPM2_GetRandom round trip on the data port; Ok only for TPM_RC_SUCCESS.
-async fn get_random(port: u16) -> Result<()> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
-    stream.write_all(&GET_RANDOM).await?;
-    let mut header = [0u8; 10];
-    stream.read_exact(&mut header).await?;
-    let [_, _, _, _, _, _, rc @ ..] = header;
-    let rc = u32::from_be_bytes(rc);
-    if rc != 0 {
-        bail!("TPM2_GetRandom returned {rc:#x}");
-    }
-    Ok(())
-}
-
-/// CMD_GET_TPMESTABLISHED on the control port; Ok only for TPM_SUCCESS.
-async fn tpm_established(ctrl: u16) -> Result<()> {
-    let mut stream = TcpStream::connect(("127.0.0.1", ctrl)).await?;
-    stream.write_all(&GET_ESTABLISHED).await?;
-    let mut answer = [0u8; 8];
-    stream.read_exact(&mut answer).await?;
-    let [a, b, c, d, ..] = answer;
-    let rc = u32::from_be_bytes([a, b, c, d]);
-    if rc != 0 {
-        bail!("CMD_GET_TPMESTABLISHED returned {rc:#x}");
-    }
-    Ok(())
 }
 
 /// A free port P with P + 1 free too, outside the ephemeral range (see [`super::free_port`]).

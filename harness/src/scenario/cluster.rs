@@ -3,7 +3,7 @@
 //! own socket beside its own [`Envelope`] (the apiserver's KMS v2 role, probing on upstream's
 //! schedule, compressed by [`Timing`]). On the process runtime everything is a local process on
 //! 127.0.0.1 (one etcd, one OpenBao behind a fault proxy per node); on the container runtime etcd is
-//! three members, OpenBao a three-node Raft cluster and each node's plugin a container, all on the
+//! three members, OpenBao a three-node Raft cluster, each node's plugin and TPM a container, all on the
 //! run's own network ([`super::handles`]). The fault verbs live in [`super::fault`], the workload in
 //! [`super::workload`].
 
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use super::handles::{Bao, EtcdPart, Plugin, unsupported};
+use super::handles::{Bao, EtcdPart, Plugin, Tpm};
 use super::history::History;
 use super::recorder::Recording;
 use crate::Envelope;
@@ -23,6 +23,7 @@ use crate::apiserver::{Authority, EtcdStore, connect_unix_lazy};
 use crate::runtime::container::etcd_cluster::EtcdCluster;
 use crate::runtime::container::kleidi_node::{KleidiNode, KleidiNodeSpec};
 use crate::runtime::container::openbao_raft::OpenBaoRaft;
+use crate::runtime::container::swtpm_node::SwtpmNode;
 use crate::runtime::{Etcd, FaultProxy, KleidiPlugin, OpenBao, RuntimeKind, SharedKek, SoftHsmToken, Swtpm};
 
 /// The provider name every node's EncryptionConfiguration uses.
@@ -179,7 +180,7 @@ impl Backend {
 /// One node's TPM and its fault state.
 pub struct NodeTpm {
     /// The TPM.
-    pub swtpm: Swtpm,
+    pub tpm: Tpm,
     /// Whether it was killed and not started again.
     pub down: bool,
     /// Whether it is paused.
@@ -187,9 +188,9 @@ pub struct NodeTpm {
 }
 
 impl NodeTpm {
-    fn new(swtpm: Swtpm) -> Self {
+    fn new(tpm: Tpm) -> Self {
         Self {
-            swtpm,
+            tpm,
             down: false,
             paused: false,
         }
@@ -283,13 +284,7 @@ impl Cluster {
         std::fs::create_dir_all(&spec.dir)?;
         let network = match spec.runtime {
             RuntimeKind::Process => None,
-            RuntimeKind::Container => {
-                if spec.backend == BackendKind::Tpm {
-                    return Err(unsupported("tpm backend", "the nodes", spec.runtime)
-                        .context("a swtpm container per node is not wired into the cluster yet"));
-                }
-                Some(crate::images::network_name())
-            }
+            RuntimeKind::Container => Some(crate::images::network_name()),
         };
         let etcd = match &network {
             None => EtcdPart::Process(Box::new(Etcd::start().await?)),
@@ -341,15 +336,21 @@ impl Cluster {
             }
             BackendKind::Tpm => {
                 let mut tpms = Vec::new();
-                for _ in 0..spec.nodes.max(1) {
-                    tpms.push(NodeTpm::new(Swtpm::start().await?));
+                for i in 0..spec.nodes.max(1) {
+                    let tpm = match &network {
+                        None => Tpm::Process(Box::new(Swtpm::start().await?)),
+                        Some(net) => Tpm::Container(Box::new(
+                            SwtpmNode::start(net, &format!("{net}-swtpm-{i}")).await?,
+                        )),
+                    };
+                    tpms.push(NodeTpm::new(tpm));
                 }
-                let shared = if let [only] = tpms.as_slice() {
-                    only.swtpm.init_key(&kleidi)?;
+                let access: Vec<_> = tpms.iter().map(|t| t.tpm.access()).collect();
+                let shared = if let [only] = access.as_slice() {
+                    only.init_key(&kleidi).await?;
                     None
                 } else {
-                    let swtpms: Vec<&Swtpm> = tpms.iter().map(|t| &t.swtpm).collect();
-                    Some(SharedKek::enrol(&kleidi, &swtpms).await?)
+                    Some(SharedKek::enrol(&kleidi, &access).await?)
                 };
                 Backend::Tpm { tpms, shared }
             }
@@ -462,13 +463,15 @@ impl Cluster {
                     }
                 }
             }
-            Backend::Tpm { tpms, .. } => (
-                tpms.get(index)
-                    .context("no TPM for this node")?
-                    .swtpm
-                    .kleidi_flags(),
-                vec![("TSS2_LOG".to_string(), "all+none".to_string())],
-            ),
+            Backend::Tpm { tpms, .. } => {
+                let tpm = &tpms.get(index).context("no TPM for this node")?.tpm;
+                // kleidi's TPM-wrapped keys, at their host path (a node's own disk).
+                mounts.push(tpm.access().state_dir);
+                (
+                    tpm.kleidi_flags(),
+                    vec![("TSS2_LOG".to_string(), "all+none".to_string())],
+                )
+            }
             Backend::Foreign { command } => {
                 let command = command.replace("{socket}", &socket.display().to_string());
                 return Ok(Plugin::Process(Box::new(
@@ -616,8 +619,7 @@ impl Cluster {
             },
             Backend::Tpm { tpms, .. } => {
                 for (i, t) in tpms.iter().enumerate() {
-                    let contents = std::fs::read(t.swtpm.process.log_path()).unwrap_or_default();
-                    logs.push((format!("swtpm-{i}"), contents));
+                    logs.push((format!("swtpm-{i}"), t.tpm.logs().await));
                 }
             }
             Backend::Pkcs11 { .. } | Backend::Foreign { .. } => {}

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 
 use super::cluster::{Backend, BackendKind, Cluster};
 use super::history::{ALL, Effect, Event, ExitRecord, FaultRecord, ROTATE, Role};
-use crate::runtime::{Fault as ProxyFault, RuntimeKind, Swtpm, TokenLease};
+use crate::runtime::{Fault as ProxyFault, RuntimeKind, TokenLease};
 
 /// One fault (or heal) a scenario can put on its timeline.
 #[derive(Clone, Debug, PartialEq)]
@@ -483,19 +483,19 @@ impl Cluster {
                 let tpm = tpms.first_mut().context("no TPM")?;
                 match fault {
                     Fault::KillTpm => {
-                        tpm.swtpm.kill().await?;
+                        tpm.tpm.kill().await?;
                         tpm.down = true;
                     }
                     Fault::StartTpm => {
-                        tpm.swtpm.start_again().await?;
+                        tpm.tpm.start().await?;
                         tpm.down = false;
                     }
                     Fault::PauseTpm => {
-                        tpm.swtpm.pause()?;
+                        tpm.tpm.pause().await?;
                         tpm.paused = true;
                     }
                     Fault::ResumeTpm => {
-                        tpm.swtpm.resume()?;
+                        tpm.tpm.resume().await?;
                         tpm.paused = false;
                     }
                     _ => bail!("not a tpm fault"),
@@ -532,12 +532,17 @@ impl Cluster {
             Backend::Tpm { tpms, shared } => match shared {
                 // `kleidi tpm init` again: a new current key; the serving plugin picks it up.
                 None => {
-                    tpms.first().context("no TPM")?.swtpm.init_key(&kleidi)?;
+                    tpms.first()
+                        .context("no TPM")?
+                        .tpm
+                        .access()
+                        .init_key(&kleidi)
+                        .await?;
                 }
                 // Every node holds the new key before any node makes it current.
                 Some(shared) => {
-                    let swtpms: Vec<&Swtpm> = tpms.iter().map(|t| &t.swtpm).collect();
-                    shared.rotate(&kleidi, &swtpms).await?;
+                    let access: Vec<_> = tpms.iter().map(|t| t.tpm.access()).collect();
+                    shared.rotate(&kleidi, &access).await?;
                 }
             },
             Backend::Foreign { .. } => bail!("a foreign plugin's key is not the harness's to rotate"),
@@ -650,11 +655,11 @@ impl Cluster {
         if let Backend::Tpm { tpms, .. } = &mut self.backend {
             for tpm in tpms {
                 if tpm.paused {
-                    tpm.swtpm.resume()?;
+                    tpm.tpm.resume().await?;
                     tpm.paused = false;
                 }
                 if tpm.down {
-                    tpm.swtpm.start_again().await?;
+                    tpm.tpm.start().await?;
                     tpm.down = false;
                 }
             }

@@ -1,7 +1,7 @@
-//! The cluster's parts on either runtime, behind one set of verbs: a node's plugin, etcd, OpenBao.
-//! The process runtime's part is a local process (one etcd, one `bao server`); the container
-//! runtime's is a container (a three-member etcd, a three-node OpenBao Raft cluster, a kleidi
-//! container per node). A verb one runtime cannot do fails with an error naming the verb, the target
+//! The cluster's parts on either runtime, behind one set of verbs: a node's plugin, etcd, OpenBao, a
+//! node's TPM. The process runtime's part is a local process (one etcd, one `bao server`, a swtpm per
+//! node); the container runtime's is a container (a three-member etcd, a three-node OpenBao Raft
+//! cluster, a kleidi and a swtpm container per node). A verb one runtime cannot do fails with an error naming the verb, the target
 //! and the runtime ([`unsupported`]); nothing is silently skipped.
 
 use std::path::Path;
@@ -14,7 +14,8 @@ use crate::apiserver::EtcdStore;
 use crate::runtime::container::etcd_cluster::EtcdCluster;
 use crate::runtime::container::kleidi_node::KleidiNode;
 use crate::runtime::container::openbao_raft::OpenBaoRaft;
-use crate::runtime::{Etcd, KleidiPlugin, OpenBao, RuntimeKind, TokenLease};
+use crate::runtime::container::swtpm_node::SwtpmNode;
+use crate::runtime::{Etcd, KleidiPlugin, OpenBao, RuntimeKind, Swtpm, TokenLease, TpmAccess};
 
 /// Bound on etcd coming back after a start.
 const ETCD_READY: Duration = Duration::from_secs(30);
@@ -157,6 +158,72 @@ impl Plugin {
         match self {
             Self::Process(p) => std::fs::read(p.process.log_path()).ok(),
             Self::Container(c) => c.handle().logs().await.ok(),
+        }
+    }
+}
+
+/// A node's TPM: a local swtpm, or a swtpm container on the run's network.
+pub enum Tpm {
+    /// `swtpm` on 127.0.0.1.
+    Process(Box<Swtpm>),
+    /// `swtpm` in a container.
+    Container(Box<SwtpmNode>),
+}
+
+impl Tpm {
+    /// How the host reaches it and where kleidi's keys for it are (enrolment, rotation).
+    pub fn access(&self) -> TpmAccess {
+        match self {
+            Self::Process(t) => t.access(),
+            Self::Container(t) => t.access(),
+        }
+    }
+
+    /// The backend flags of the node's `kleidi serve`.
+    pub fn kleidi_flags(&self) -> Vec<String> {
+        match self {
+            Self::Process(t) => t.kleidi_flags(),
+            Self::Container(t) => t.kleidi_flags(),
+        }
+    }
+
+    /// SIGKILL: every loaded object and session gone; the NVRAM stays.
+    pub async fn kill(&mut self) -> Result<()> {
+        match self {
+            Self::Process(t) => t.kill().await,
+            Self::Container(t) => t.handle().kill().await,
+        }
+    }
+
+    /// Started again on its NVRAM; waits until it answers a TPM command.
+    pub async fn start(&mut self) -> Result<()> {
+        match self {
+            Self::Process(t) => t.start_again().await,
+            Self::Container(t) => t.start_again().await,
+        }
+    }
+
+    /// SIGSTOP (process) or the cgroup freezer (container): commands to it hang.
+    pub async fn pause(&mut self) -> Result<()> {
+        match self {
+            Self::Process(t) => t.pause(),
+            Self::Container(t) => t.handle().pause().await,
+        }
+    }
+
+    /// Undoes [`Self::pause`].
+    pub async fn resume(&mut self) -> Result<()> {
+        match self {
+            Self::Process(t) => t.resume(),
+            Self::Container(t) => t.handle().resume().await,
+        }
+    }
+
+    /// Its output so far.
+    pub async fn logs(&self) -> Vec<u8> {
+        match self {
+            Self::Process(t) => std::fs::read(t.process.log_path()).unwrap_or_default(),
+            Self::Container(t) => t.handle().logs().await.unwrap_or_default(),
         }
     }
 }

@@ -8,6 +8,7 @@
 pub mod etcd_cluster;
 pub mod kleidi_node;
 pub mod openbao_raft;
+pub mod swtpm_node;
 
 use std::net::IpAddr;
 use std::time::Duration;
