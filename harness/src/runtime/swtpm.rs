@@ -6,11 +6,12 @@
 //! TPM, a replaced board). Readiness is a real TPM round trip (TPM2_GetRandom), not a port check.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
 
 use super::Process;
 use super::etcd::which;
-use anyhow::{Context, Result, bail};
 
 const READY_LIMIT: Duration = Duration::from_secs(20);
 
@@ -122,17 +123,9 @@ impl Swtpm {
     /// Waits until the TPM answers a command ([`crate::images::swtpm::answers`]).
     pub async fn wait_ready(&self, limit: Duration) -> Result<()> {
         let command = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
-        let started = Instant::now();
-        loop {
-            match crate::images::swtpm::answers(command).await {
-                Ok(()) => return Ok(()),
-                Err(e) if started.elapsed() > limit => bail!(
-                    "swtpm did not answer a TPM command within {limit:?} ({e:#}); log:\n{}",
-                    self.process.logs()
-                ),
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
+        crate::images::poll("swtpm", limit, || crate::images::swtpm::answers(command))
+            .await
+            .map_err(|e| e.context(format!("swtpm log:\n{}", self.process.logs())))
     }
 
     /// `kleidi tpm init` on this TPM: a new current key. Returns its key_id.

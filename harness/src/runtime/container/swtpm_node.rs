@@ -5,8 +5,6 @@
 //! kill and start keep (a rebooted TPM, its keys intact); kleidi's TPM-wrapped keys live in a host
 //! directory the node's kleidi container mounts at the same path, as on a node's own disk.
 
-use std::path::Path;
-
 use anyhow::{Context, Result};
 use testcontainers::ImageExt as _;
 
@@ -49,11 +47,6 @@ impl SwtpmNode {
             tcti: self.tpm.tcti(),
             state_dir: self.kleidi_state.path().to_path_buf(),
         }
-    }
-
-    /// kleidi's state directory (the node's container mounts it at this path).
-    pub fn kleidi_state_dir(&self) -> &Path {
-        self.kleidi_state.path()
     }
 
     /// The backend flags of `kleidi serve` in a container on the same network: the TPM by name.
