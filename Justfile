@@ -67,9 +67,26 @@ conformance socket:
     cargo build --locked -p kleidi-harness
     target/debug/kleidi-harness conformance --plugin {{socket}}
 
-# criterion, bounded: each backend raw and through kleidi in the same run (report ratios, not times).
+# criterion, bounded: each backend raw and through kleidi in the same run (report ratios, not times);
+# then kleidi-bench (`kleidi serve` from another process, beside a trivial server, the raw backend
+# and, with KLEIDI_BENCH_PEER_BIN, a peer plugin: ≤ 10 min) and kleidi-scale when it is built.
 bench: deps
+    #!/usr/bin/env bash
+    set -euo pipefail
+    # The charts' font (read at run time by plotters).
+    if ! dpkg -s fonts-dejavu-core >/dev/null 2>&1; then
+        sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends fonts-dejavu-core
+    fi
+    cargo build --release --locked -p kleidi -p kleidi-benches
     cargo bench --locked -p kleidi-benches -- --warm-up-time 1 --measurement-time 2
+    peer=()
+    if [ -n "${KLEIDI_BENCH_PEER_BIN:-}" ]; then peer=(--peer-bin "$KLEIDI_BENCH_PEER_BIN"); fi
+    target/release/kleidi-bench "${peer[@]}"
+    if [ -x target/release/kleidi-scale ]; then
+        target/release/kleidi-scale
+        target/release/kleidi-bench plot-scale --input target/bench/scale.json --out benches/plots/decrypt-calls-vs-n.png
+    fi
 
 # fmt and clippy, as CI's reviewers expect them.
 lint:

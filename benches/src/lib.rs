@@ -5,6 +5,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod crossproc;
+pub mod plot;
+
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -46,8 +49,13 @@ impl OpenBao {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let dir = tempfile::tempdir()?;
         let log = std::fs::File::create(dir.path().join("server.log"))?;
+        // OpenBao 2 enables audit devices through the API only when allowed; kleidi-bench counts
+        // transit requests in a file audit device it enables that way.
+        let config = dir.path().join("bench.hcl");
+        std::fs::write(&config, "unsafe_allow_api_audit_creation = true\n")?;
         let child = Command::new("bao")
             .args(["server", "-dev", "-dev-no-store-token"])
+            .arg(format!("-config={}", config.display()))
             .arg(format!("-dev-root-token-id={ROOT}"))
             .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
             .env_remove("BAO_ADDR")
@@ -95,6 +103,8 @@ impl OpenBao {
         let settings = VaultClientSettingsBuilder::default()
             .address(&self.addr)
             .token(ROOT)
+            // Bounded: a stuck call fails instead of hanging a bench.
+            .timeout(Some(Duration::from_secs(10)))
             .build()?;
         Ok(VaultClient::new(settings)?)
     }

@@ -169,6 +169,13 @@ pub struct ServeArgs {
     /// On SIGTERM/SIGINT, how long in-flight calls may take to finish.
     #[arg(long, env = "KLEIDI_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// Tokio runtime serving the socket: multi-thread (--worker-threads workers, default one per
+    /// core) or current-thread (one thread; blocking backend calls still run on their own pool).
+    #[arg(long, env = "KLEIDI_SERVE_RUNTIME", value_enum, default_value_t = RuntimeKind::MultiThread)]
+    pub runtime: RuntimeKind,
+    /// Worker threads of the multi-thread runtime; default one per core.
+    #[arg(long, env = "KLEIDI_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: Option<u16>,
     /// PKCS#11 settings (with --backend pkcs11).
     #[command(flatten)]
     pub pkcs11: Pkcs11Args,
@@ -178,6 +185,15 @@ pub struct ServeArgs {
     /// TPM 2.0 settings (with --backend tpm).
     #[command(flatten)]
     pub tpm: TpmArgs,
+}
+
+/// The tokio runtime `kleidi serve` runs on (`--runtime`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeKind {
+    /// Work-stealing pool of worker threads.
+    MultiThread,
+    /// Everything on the main thread.
+    CurrentThread,
 }
 
 impl ServeArgs {

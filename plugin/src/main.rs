@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use kleidi::config::{Cli, Command, Pkcs11Command, ServeArgs};
+use kleidi::config::{Cli, Command, Pkcs11Command, RuntimeKind, ServeArgs};
 use kleidi::grpc::{KmsV1, KmsV2};
 use kleidi::guard::Guarded;
 use kleidi::health::Healthy;
@@ -16,18 +16,38 @@ use kleidi::{KeyService, backend};
 /// Largest request accepted on the wire: a 1 KiB ciphertext plus 32 KiB of annotations, with room.
 const MAX_MESSAGE: usize = 64 * 1024;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     kleidi::logging::init(cli.log_format);
-    let result = match cli.command {
-        Command::Serve(args) => serve(*args).await,
-        Command::Pkcs11(Pkcs11Command::Init {
-            pkcs11,
-            pkcs11_so_pin_file,
-        }) => backend::pkcs11_init(&pkcs11, &pkcs11_so_pin_file).await,
-        Command::Tpm(command) => backend::tpm_command(command).await,
+    // Built by hand so `serve --runtime` / `--worker-threads` can choose it (benches/README.md).
+    let (kind, workers) = match &cli.command {
+        Command::Serve(args) => (args.runtime, args.worker_threads),
+        _ => (RuntimeKind::MultiThread, None),
     };
+    let mut builder = match kind {
+        RuntimeKind::MultiThread => tokio::runtime::Builder::new_multi_thread(),
+        RuntimeKind::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+    };
+    if let (RuntimeKind::MultiThread, Some(n)) = (kind, workers) {
+        builder.worker_threads(usize::from(n));
+    }
+    let runtime = match builder.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            tracing::error!("cannot start the tokio runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(*args).await,
+            Command::Pkcs11(Pkcs11Command::Init {
+                pkcs11,
+                pkcs11_so_pin_file,
+            }) => backend::pkcs11_init(&pkcs11, &pkcs11_so_pin_file).await,
+            Command::Tpm(command) => backend::tpm_command(command).await,
+        }
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -49,6 +49,7 @@ pub struct OpenBaoSpec {
     mount: String,
     key: String,
     lease: TokenLease,
+    audit_file: Option<PathBuf>,
 }
 
 impl Default for OpenBaoSpec {
@@ -60,6 +61,7 @@ impl Default for OpenBaoSpec {
                 ttl: Duration::from_secs(3600),
                 max: Duration::from_secs(24 * 3600),
             },
+            audit_file: None,
         }
     }
 }
@@ -80,6 +82,13 @@ impl OpenBaoSpec {
     /// The lease of the first kleidi token.
     pub fn with_lease(mut self, lease: TokenLease) -> Self {
         self.lease = lease;
+        self
+    }
+
+    /// Adds a file audit device logging every request to `path`. OpenBao ≥ 2.3 refuses audit devices
+    /// enabled through the API, so it goes into the server config.
+    pub fn with_file_audit(mut self, path: &Path) -> Self {
+        self.audit_file = Some(path.to_path_buf());
         self
     }
 
@@ -109,7 +118,16 @@ api_addr = "http://127.0.0.1:{port}"
 cluster_addr = "http://127.0.0.1:{cluster_port}"
 "#,
                 raft = raft.display()
-            ),
+            ) + &self
+                .audit_file
+                .as_ref()
+                .map(|path| {
+                    format!(
+                        "audit \"file\" \"harness\" {{\n  options {{\n    file_path = \"{}\"\n  }}\n}}\n",
+                        path.display()
+                    )
+                })
+                .unwrap_or_default(),
         )?;
         let args = vec!["server".to_string(), format!("-config={}", config.display())];
         let log = dir.path().join("openbao.log");

@@ -1,0 +1,244 @@
+//! The raw side: each backend's operation in this process with its own client library, nothing of
+//! kleidi's. PKCS#11: C_Encrypt / C_Decrypt (AES-GCM) on one logged-in session per caller.
+//! OpenBao: vaultrs transit encrypt / decrypt on one shared client.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use vaultrs::client::VaultClient;
+use vaultrs::transit::data;
+
+use super::measure::{Conc, Hist, Method, SEED};
+
+/// A loaded PKCS#11 module and the slot of the bench's token.
+pub struct RawHsm {
+    ctx: Pkcs11,
+    slot: Slot,
+    key_label: String,
+    pin: String,
+}
+
+impl RawHsm {
+    /// Loads `module` (reads SOFTHSM2_CONF of this process) and finds the token `token_label`.
+    pub fn open(module: &str, token_label: &str, key_label: &str, pin: &str) -> anyhow::Result<Self> {
+        let ctx = Pkcs11::new(module)?;
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut found = None;
+        for slot in ctx.get_slots_with_token()? {
+            if ctx.get_token_info(slot)?.label() == token_label {
+                found = Some(slot);
+            }
+        }
+        let slot = found.with_context(|| format!("no token {token_label:?}"))?;
+        Ok(Self {
+            ctx,
+            slot,
+            key_label: key_label.into(),
+            pin: pin.into(),
+        })
+    }
+
+    /// A logged-in session with the key's handle.
+    pub fn session(&self) -> anyhow::Result<RawSession> {
+        let session = self.ctx.open_rw_session(self.slot)?;
+        // Login is per application: the second session finds the user logged in already.
+        match session.login(UserType::User, Some(&AuthPin::new(self.pin.as_str().into()))) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let key = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Label(self.key_label.as_bytes().to_vec()),
+            ])?
+            .into_iter()
+            .next()
+            .with_context(|| format!("no key {:?}", self.key_label))?;
+        Ok(RawSession {
+            session,
+            key,
+            counter: 0,
+        })
+    }
+
+    /// `callers` threads, each on its own session, making `total / callers` C_Decrypts.
+    pub fn concurrent_decrypt(&self, callers: u64, total: u64) -> anyhow::Result<Conc> {
+        let each = (total / callers).max(1);
+        let sessions = (0..callers)
+            .map(|_| {
+                let mut s = self.session()?;
+                let (iv, ct) = s.encrypt()?;
+                Ok((s, iv, ct))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let start = Instant::now();
+        let hists: Vec<Hist> = std::thread::scope(|scope| {
+            let handles: Vec<_> = sessions
+                .into_iter()
+                .map(|(s, iv, ct)| scope.spawn(move || s.sequential_decrypt(&iv, &ct, each)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        let mut failed = Hist::new();
+                        failed.errors = each;
+                        failed
+                    })
+                })
+                .collect()
+        });
+        let wall = start.elapsed();
+        let mut hist = Hist::new();
+        hists.iter().for_each(|h| hist.merge(h));
+        Ok(Conc::new(callers, &hist, wall))
+    }
+}
+
+/// One logged-in session and the key handle.
+pub struct RawSession {
+    session: Session,
+    key: ObjectHandle,
+    counter: u64,
+}
+
+impl RawSession {
+    /// C_Encrypt of [`SEED`] under a fresh IV (a counter; the backend draws random ones).
+    pub fn encrypt(&mut self) -> anyhow::Result<([u8; 12], Vec<u8>)> {
+        self.counter += 1;
+        let mut iv = [0u8; 12];
+        iv[..8].copy_from_slice(&self.counter.to_le_bytes());
+        let params = GcmParams::new(&mut iv, b"", 128.into())?;
+        let ct = self
+            .session
+            .encrypt(&Mechanism::AesGcm(params), self.key, &SEED)?;
+        Ok((iv, ct))
+    }
+
+    /// C_Decrypt of `ct` under `iv`; true when it gives [`SEED`] back.
+    pub fn decrypt(&self, iv: &[u8; 12], ct: &[u8]) -> bool {
+        let mut iv = *iv;
+        let Ok(params) = GcmParams::new(&mut iv, b"", 128.into()) else {
+            return false;
+        };
+        self.session
+            .decrypt(&Mechanism::AesGcm(params), self.key, ct)
+            .is_ok_and(|p| p == SEED)
+    }
+
+    fn sequential_decrypt(&self, iv: &[u8; 12], ct: &[u8], n: u64) -> Hist {
+        let mut hist = Hist::new();
+        for _ in 0..n {
+            let start = Instant::now();
+            let ok = self.decrypt(iv, ct);
+            hist.record(start.elapsed(), ok);
+        }
+        hist
+    }
+
+    /// `n` sequential calls of Encrypt or Decrypt.
+    pub fn sequential(&mut self, method: Method, n: u64) -> anyhow::Result<Hist> {
+        let (iv, ct) = self.encrypt()?;
+        if method == Method::Decrypt {
+            return Ok(self.sequential_decrypt(&iv, &ct, n));
+        }
+        let mut hist = Hist::new();
+        for _ in 0..n {
+            let start = Instant::now();
+            let ok = self.encrypt().is_ok();
+            hist.record(start.elapsed(), ok);
+        }
+        Ok(hist)
+    }
+}
+
+/// vaultrs transit against the bench's OpenBao, key `key` on mount `transit`.
+pub struct RawVault {
+    client: Arc<VaultClient>,
+    key: String,
+}
+
+impl RawVault {
+    /// Wraps a client.
+    pub fn new(client: VaultClient, key: &str) -> Self {
+        Self {
+            client: Arc::new(client),
+            key: key.into(),
+        }
+    }
+
+    async fn encrypt(&self) -> anyhow::Result<String> {
+        Ok(
+            data::encrypt(&*self.client, "transit", &self.key, &B64.encode(SEED), None)
+                .await?
+                .ciphertext,
+        )
+    }
+
+    async fn decrypt(&self, ct: &str) -> bool {
+        data::decrypt(&*self.client, "transit", &self.key, ct, None)
+            .await
+            .is_ok_and(|r| B64.decode(r.plaintext).is_ok_and(|p| p == SEED))
+    }
+
+    async fn sequential_decrypt(&self, ct: &str, n: u64) -> Hist {
+        let mut hist = Hist::new();
+        for _ in 0..n {
+            let start = Instant::now();
+            let ok = self.decrypt(ct).await;
+            hist.record(start.elapsed(), ok);
+        }
+        hist
+    }
+
+    /// `n` sequential calls of Encrypt or Decrypt.
+    pub async fn sequential(&self, method: Method, n: u64) -> anyhow::Result<Hist> {
+        let ct = self.encrypt().await?;
+        if method == Method::Decrypt {
+            return Ok(self.sequential_decrypt(&ct, n).await);
+        }
+        let mut hist = Hist::new();
+        for _ in 0..n {
+            let start = Instant::now();
+            let ok = self.encrypt().await.is_ok();
+            hist.record(start.elapsed(), ok);
+        }
+        Ok(hist)
+    }
+
+    /// `callers` tasks on the one client, each making `total / callers` decrypts. Run on a
+    /// multi-thread runtime.
+    pub async fn concurrent_decrypt(self: &Arc<Self>, callers: u64, total: u64) -> anyhow::Result<Conc> {
+        let ct = Arc::new(self.encrypt().await?);
+        let each = (total / callers).max(1);
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..callers)
+            .map(|_| {
+                let (me, ct) = (self.clone(), ct.clone());
+                tokio::spawn(async move { me.sequential_decrypt(&ct, each).await })
+            })
+            .collect();
+        let mut hist = Hist::new();
+        for task in tasks {
+            match task.await {
+                Ok(h) => hist.merge(&h),
+                Err(_) => hist.errors += each,
+            }
+        }
+        Ok(Conc::new(callers, &hist, start.elapsed()))
+    }
+}
