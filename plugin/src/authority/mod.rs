@@ -1537,3 +1537,68 @@ mod tests {
         }
     }
 }
+
+/// Cost of the layer per request header block, for the performance notes: run with
+/// `cargo test --release -p kleidi --lib authority::cost -- --ignored --nocapture`, or under
+/// `valgrind --tool=callgrind` for an instruction count that machine noise does not move.
+/// Prints, asserts nothing about speed.
+#[cfg(test)]
+mod cost {
+    use super::*;
+
+    /// A grpc-go request block as kube-apiserver ≥ 1.32 sends it after the first request:
+    /// static and dynamic indexes, one fresh Huffman-coded grpc-timeout.
+    fn workload(requests: usize) -> Vec<u8> {
+        let mut input = PREFACE.to_vec();
+        let mut first = vec![0x83, 0x86];
+        // :path, :authority (localhost), content-type, user-agent, te: inserted once.
+        for (name_index, value) in [
+            (4u8, "/v2.KeyManagementService/Decrypt"),
+            (1, "localhost"),
+            (31, "application/grpc"),
+            (58, "grpc-go/1.65.0"),
+        ] {
+            first.push(0x40 | name_index);
+            first.push(value.len() as u8);
+            first.extend_from_slice(value.as_bytes());
+        }
+        let push_frame = |input: &mut Vec<u8>, stream: u32, block: &[u8]| {
+            let len = (block.len() as u32).to_be_bytes();
+            input.extend_from_slice(&[len[1], len[2], len[3], TYPE_HEADERS, FLAG_END_HEADERS]);
+            input.extend_from_slice(&stream.to_be_bytes());
+            input.extend_from_slice(block);
+        };
+        push_frame(&mut input, 1, &first);
+        for i in 1..requests {
+            let mut block = vec![0x83, 0x86, 0x80 | 65, 0x80 | 64, 0x80 | 63, 0x80 | 62];
+            // grpc-timeout: a literal with a new name, Huffman value, as grpc-go sends it.
+            block.extend_from_slice(&[0x00, 0x0c]);
+            block.extend_from_slice(b"grpc-timeout");
+            let mut coded = Vec::new();
+            let _ = httlib_huffman::encode(format!("{}m", 1000 + i % 9000).as_bytes(), &mut coded);
+            block.push(0x80 | coded.len() as u8);
+            block.extend_from_slice(&coded);
+            push_frame(&mut input, 2 * i as u32 + 1, &block);
+        }
+        input
+    }
+
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn cost_per_header_block() {
+        const REQUESTS: usize = 100_000;
+        let input = workload(REQUESTS);
+        let mut parser = Parser::new();
+        let mut out = BytesMut::with_capacity(READ_CHUNK * 2);
+        let started = std::time::Instant::now();
+        for chunk in input.chunks(READ_CHUNK) {
+            parser.feed(chunk, &mut out).unwrap_or_else(|e| panic!("{e}"));
+            out.clear();
+        }
+        let elapsed = started.elapsed();
+        println!(
+            "{REQUESTS} header blocks in {elapsed:?}: {:.0} ns per block",
+            elapsed.as_nanos() as f64 / REQUESTS as f64
+        );
+    }
+}
