@@ -291,7 +291,7 @@ fn push_raw_string(out: &mut Vec<u8>, s: &[u8]) {
 }
 
 /// An HPACK integer (§5.1) with a `prefix_bits`-bit prefix after the `flags` bits.
-fn push_integer(out: &mut Vec<u8>, mut value: usize, prefix_bits: u8, flags: u8) {
+pub(super) fn push_integer(out: &mut Vec<u8>, mut value: usize, prefix_bits: u8, flags: u8) {
     let max = (1usize << prefix_bits) - 1;
     if value < max {
         // Fits the prefix, so fits a byte.

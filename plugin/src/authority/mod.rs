@@ -538,7 +538,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
     use tonic::codegen::http::uri::Authority;
 
-    use super::hpack::MAX_DECODED_BLOCK;
+    use super::hpack::{MAX_DECODED_BLOCK, push_integer as integer};
     use super::*;
 
     const END_STREAM: u8 = 0x1;
@@ -1448,21 +1448,6 @@ mod tests {
             }
             out
         }
-    }
-
-    fn integer(out: &mut Vec<u8>, mut value: usize, prefix: u8, flags: u8) {
-        let max = (1usize << prefix) - 1;
-        if value < max {
-            out.push(flags | value as u8);
-            return;
-        }
-        out.push(flags | max as u8);
-        value -= max;
-        while value >= 0x80 {
-            out.push(0x80 | (value & 0x7f) as u8);
-            value >>= 7;
-        }
-        out.push(value as u8);
     }
 
     /// The layer's central promise, on random traffic from an encoder that uses every HPACK
