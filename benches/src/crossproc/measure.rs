@@ -57,6 +57,18 @@ impl Hist {
         }
     }
 
+    /// Merges the callers' histograms; a caller that panicked counts all its `each` calls as errors.
+    pub async fn gather(tasks: Vec<tokio::task::JoinHandle<Hist>>, each: u64) -> Hist {
+        let mut hist = Hist::new();
+        for task in tasks {
+            match task.await {
+                Ok(h) => hist.merge(&h),
+                Err(_) => hist.errors += each,
+            }
+        }
+        hist
+    }
+
     /// Adds another histogram's calls.
     pub fn merge(&mut self, other: &Hist) {
         // Same bounds on both sides: add cannot fail.
@@ -212,12 +224,6 @@ pub async fn concurrent_decrypt(
             tokio::spawn(async move { sequential(&mut client, Method::Decrypt, &wrapped, each).await })
         })
         .collect();
-    let mut hist = Hist::new();
-    for task in tasks {
-        match task.await {
-            Ok(h) => hist.merge(&h),
-            Err(_) => hist.errors += each,
-        }
-    }
+    let hist = Hist::gather(tasks, each).await;
     Conc::new(callers, &hist, start.elapsed())
 }

@@ -232,13 +232,7 @@ impl RawVault {
                 tokio::spawn(async move { me.sequential_decrypt(&ct, each).await })
             })
             .collect();
-        let mut hist = Hist::new();
-        for task in tasks {
-            match task.await {
-                Ok(h) => hist.merge(&h),
-                Err(_) => hist.errors += each,
-            }
-        }
+        let hist = Hist::gather(tasks, each).await;
         Ok(Conc::new(callers, &hist, start.elapsed()))
     }
 }
