@@ -160,14 +160,18 @@ pub struct ServeArgs {
     /// Bound on each backend call; keep it below the apiserver's KMS timeout (default 3s).
     #[arg(long, env = "KLEIDI_CALL_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub call_timeout: Duration,
-    /// How long a successful health probe is trusted.
-    #[arg(long, env = "KLEIDI_HEALTH_OK_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    /// How long a successful health probe is trusted; a later probe is one key check.
+    #[arg(long, env = "KLEIDI_HEALTH_OK_TTL", default_value = "45s", value_parser = humantime::parse_duration)]
     pub health_ok_ttl: Duration,
     /// How long a failed health probe is trusted before probing again.
     #[arg(long, env = "KLEIDI_HEALTH_ERR_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub health_err_ttl: Duration,
     /// On SIGTERM/SIGINT, how long in-flight calls may take to finish.
     #[arg(long, env = "KLEIDI_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    /// How long encrypt and decrypt, once seen working with the current key (by a probe or a real
+    /// call), go unchecked before a probe adds an encrypt + decrypt round trip.
+    #[arg(long, env = "KLEIDI_HEALTH_ROUNDTRIP_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub health_roundtrip_interval: Duration,
     pub shutdown_grace: Duration,
     /// Tokio runtime serving the socket: multi-thread (--worker-threads workers, default one per
     /// core) or current-thread (one thread; blocking backend calls still run on their own pool).
@@ -214,6 +218,7 @@ impl ServeArgs {
 #[derive(Debug, Args, Clone)]
 pub struct Pkcs11Args {
     /// The PKCS#11 module (shared library).
+            roundtrip: self.health_roundtrip_interval,
     #[arg(
         long,
         env = "KLEIDI_PKCS11_MODULE",

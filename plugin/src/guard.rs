@@ -51,6 +51,10 @@ impl<S: KeyService> KeyService for Guarded<S> {
         self.inner.name()
     }
 
+    fn key_id_reaches_backend(&self) -> bool {
+        self.inner.key_id_reaches_backend()
+    }
+
     async fn encrypt(&self, uid: &str, plaintext: &SecretSlice<u8>) -> Result<Encrypted> {
         let started = Instant::now();
         let len = plaintext.expose_secret().len();

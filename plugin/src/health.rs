@@ -2,8 +2,18 @@
 //!
 //! kube-apiserver polls Status every minute, and its healthz/readyz endpoints add a call about every
 //! 20 s, on every control-plane node. Status must stay cheap and still tell the truth, so it answers
-//! from the last probe: a real encrypt + decrypt round trip of a random 32-byte value with the current
-//! key, repeated at most once per `ok_ttl` while healthy and once per `err_ttl` after a failure.
+//! from the last probe, repeated at most once per `ok_ttl` while healthy and once per `err_ttl`
+//! after a failure.
+//!
+//! A probe has two depths, so an idle plugin stays inside a budget of backend calls per hour (each
+//! may cost money or rate limit) and still notices a rotation or an outage within one `ok_ttl`:
+//! - **Key check** (one call): read the current key_id. It proves the backend answers, the
+//!   credential works and the key exists, and it is how a rotation is seen. A backend whose key_id
+//!   comes from local state (TPM) proves nothing by it, so there every probe is a round trip.
+//! - **Round trip** (two more): encrypt a random 32-byte value with the current key and decrypt it.
+//!   It runs when the key check is not enough: after a failure, when a real call cast doubt, when
+//!   the key_id changed, or when encrypt or decrypt have not been seen working with the current key
+//!   for `roundtrip` (a real Encrypt, or a real Decrypt under the current key, counts).
 //!
 //! Real calls feed in both ways. A backend failure (not bad input) while the cache says healthy makes
 //! the next Status probe at once instead of trusting the cache; while the cache already says
@@ -31,8 +41,13 @@ use crate::{Error, Result};
 /// How long a probe result is trusted.
 #[derive(Clone, Copy, Debug)]
 pub struct HealthTtl {
-    /// After a successful probe (default 30 s: below the apiserver's 60 s poll).
+    /// After a successful probe (default 45 s: below the apiserver's 60 s poll, and 80 key checks an
+    /// hour, which leaves room in a budget of 120 backend calls an hour for the round trips).
     pub ok: Duration,
+    /// How long encrypt and decrypt, once seen working with the current key, are trusted before a
+    /// probe checks them again with a round trip (default 5 min: 12 round trips an hour when idle,
+    /// none while real calls keep succeeding).
+    pub roundtrip: Duration,
     /// After a failed probe (default 5 s: below the apiserver's 10 s retry).
     pub err: Duration,
     /// Bound on a whole probe (three backend calls, each bounded by the call timeout on its own).
@@ -45,7 +60,8 @@ pub struct HealthTtl {
 impl Default for HealthTtl {
     fn default() -> Self {
         Self {
-            ok: Duration::from_secs(30),
+            ok: Duration::from_secs(45),
+            roundtrip: Duration::from_secs(300),
             err: Duration::from_secs(5),
             probe_timeout: Duration::from_secs(6),
             answer_within: Duration::from_secs(2),
@@ -71,6 +87,44 @@ struct Verdict {
     failing_since: Option<Instant>,
 }
 
+/// When encrypt and decrypt last worked with one key, by a probe or a real call.
+#[derive(Default)]
+struct Proven {
+    key_id: String,
+    encrypt: Option<Instant>,
+    decrypt: Option<Instant>,
+}
+
+impl Proven {
+    fn note(&mut self, key_id: &str, op: Op) {
+        if self.key_id != key_id {
+            *self = Proven {
+                key_id: key_id.to_string(),
+                ..Proven::default()
+            };
+        }
+        let now = Some(Instant::now());
+        match op {
+            Op::Encrypt => self.encrypt = now,
+            Op::Decrypt => self.decrypt = now,
+        }
+    }
+
+    /// Both seen working with `key_id` within `within`.
+    fn fresh(&self, key_id: &str, within: Duration) -> bool {
+        self.key_id == key_id
+            && [self.encrypt, self.decrypt]
+                .iter()
+                .all(|t| t.is_some_and(|t| t.elapsed() < within))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Encrypt,
+    Decrypt,
+}
+
 /// A [`KeyService`] that also answers Status from a cached round-trip probe.
 pub struct Healthy<S> {
     shared: Arc<Shared<S>>,
@@ -88,6 +142,8 @@ struct Shared<S> {
     key_id: Mutex<String>,
     /// Set by a backend failure in a real call while the cache says healthy: the next Status probes.
     suspect: AtomicBool,
+    /// Decides whether a probe needs the round trip.
+    proven: Mutex<Proven>,
 }
 
 impl<S: KeyService> Healthy<S> {
@@ -101,6 +157,7 @@ impl<S: KeyService> Healthy<S> {
                 probing: Arc::new(tokio::sync::Mutex::new(())),
                 key_id: Mutex::new(String::new()),
                 suspect: AtomicBool::new(false),
+                proven: Mutex::new(Proven::default()),
             }),
         }
     }
@@ -148,9 +205,13 @@ impl<S: KeyService> Healthy<S> {
 
 impl<S: KeyService> Shared<S> {
     async fn run_probe(&self) {
-        self.suspect.store(false, Ordering::Release);
+        let doubted = self.suspect.swap(false, Ordering::AcqRel);
+        let healthy = lock(&self.last).as_ref().is_some_and(|v| v.failure.is_none());
+        // Only a healthy verdict nobody doubts may be renewed by the key check alone: a failure may
+        // have been in encrypt or decrypt, which the key check does not exercise.
+        let full = doubted || !healthy;
         let started = Instant::now();
-        let result = tokio::time::timeout(self.ttl.probe_timeout, self.probe())
+        let result = tokio::time::timeout(self.ttl.probe_timeout, self.probe(full))
             .await
             .unwrap_or(Err(Error::Timeout(self.ttl.probe_timeout)));
         match result {
@@ -221,9 +282,13 @@ impl<S: KeyService> Shared<S> {
         }
     }
 
-    async fn probe(&self) -> Result<String> {
+    async fn probe(&self, full: bool) -> Result<String> {
         let key_id = self.inner.current_key_id().await?;
         self.remember_key_id(&key_id);
+        let key_check_suffices = self.inner.key_id_reaches_backend() && !full;
+        if key_check_suffices && lock(&self.proven).fresh(&key_id, self.ttl.roundtrip) {
+            return Ok(key_id);
+        }
         let mut probe = vec![0u8; 32];
         rand::rng().fill_bytes(&mut probe);
         let probe = SecretSlice::from(probe);
@@ -235,10 +300,12 @@ impl<S: KeyService> Shared<S> {
                 wrapped.key_id
             )));
         }
+        lock(&self.proven).note(&key_id, Op::Encrypt);
         let unwrapped = self.inner.decrypt(&uid, &wrapped).await?;
         if unwrapped.expose_secret() != probe.expose_secret() {
             return Err(Error::Backend("decrypt did not return what was encrypted".into()));
         }
+        lock(&self.proven).note(&key_id, Op::Decrypt);
         Ok(key_id)
     }
 
@@ -286,6 +353,10 @@ impl<S: KeyService> KeyService for Healthy<S> {
         self.shared.inner.name()
     }
 
+    fn key_id_reaches_backend(&self) -> bool {
+        self.shared.inner.key_id_reaches_backend()
+    }
+
     async fn encrypt(&self, uid: &str, plaintext: &SecretSlice<u8>) -> Result<Encrypted> {
         let shared = &self.shared;
         let result = shared.inner.encrypt(uid, plaintext).await;
@@ -293,6 +364,7 @@ impl<S: KeyService> KeyService for Healthy<S> {
         if let Ok(out) = &result {
             // The backend encrypts with its current key, so this names it.
             shared.remember_key_id(&out.key_id);
+            lock(&shared.proven).note(&out.key_id, Op::Encrypt);
             shared.vouch();
         }
         result
@@ -303,6 +375,7 @@ impl<S: KeyService> KeyService for Healthy<S> {
         let result = shared.inner.decrypt(uid, encrypted).await;
         shared.observe(&result);
         if result.is_ok() && encrypted.key_id == shared.known_key_id() {
+            lock(&shared.proven).note(&encrypted.key_id, Op::Decrypt);
             shared.vouch();
         }
         result
@@ -333,6 +406,8 @@ mod tests {
         hang: tokio::sync::Notify,
         hung: AtomicBool,
         key_id: Mutex<String>,
+        /// current_key_id reads local state only (as the TPM backend's does).
+        local_key_id: AtomicBool,
     }
 
     #[async_trait]
@@ -363,6 +438,9 @@ mod tests {
             }
             Ok(SecretSlice::from(p))
         }
+        fn key_id_reaches_backend(&self) -> bool {
+            !self.local_key_id.load(Ordering::SeqCst)
+        }
         async fn current_key_id(&self) -> Result<String> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             if self.hung.load(Ordering::SeqCst) {
@@ -380,6 +458,10 @@ mod tests {
     }
 
     fn layer(ttl_ms: u64) -> (Arc<Scripted>, Healthy<Arc<Scripted>>) {
+        layer_with(ttl_ms, 60_000)
+    }
+
+    fn layer_with(ttl_ms: u64, roundtrip_ms: u64) -> (Arc<Scripted>, Healthy<Arc<Scripted>>) {
         let backend = Arc::new(Scripted::default());
         *backend.key_id.lock().unwrap() = "k1".into();
         let ttl = Duration::from_millis(ttl_ms);
@@ -389,6 +471,7 @@ mod tests {
                 backend,
                 HealthTtl {
                     ok: ttl,
+                    roundtrip: Duration::from_millis(roundtrip_ms),
                     err: ttl,
                     probe_timeout: Duration::from_secs(5),
                     answer_within: Duration::from_secs(5),
@@ -411,6 +494,108 @@ mod tests {
         }
         // One probe = current_key_id + encrypt + decrypt.
         assert_eq!(backend.calls.load(Ordering::SeqCst), 3);
+    }
+
+    fn calls(backend: &Scripted) -> usize {
+        backend.calls.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn a_stale_healthy_verdict_is_renewed_by_one_key_check() {
+        let (backend, healthy) = layer(50);
+        assert_eq!(healthy.health().await.healthz, "ok");
+        assert_eq!(calls(&backend), 3, "the first probe is a round trip");
+        for probe in 1..=3 {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            assert_eq!(healthy.health().await.healthz, "ok");
+            assert_eq!(calls(&backend), 3 + probe, "one backend call per later probe");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_id_read_from_local_state_never_renews_the_verdict_alone() {
+        let (backend, healthy) = layer(50);
+        backend.local_key_id.store(true, Ordering::SeqCst);
+        assert_eq!(healthy.health().await.healthz, "ok");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let before = calls(&backend);
+        assert_eq!(healthy.health().await.healthz, "ok");
+        assert_eq!(calls(&backend) - before, 3, "the backend itself must be asked");
+    }
+
+    #[tokio::test]
+    async fn the_round_trip_comes_back_once_per_roundtrip_interval_when_idle() {
+        let (backend, healthy) = layer_with(50, 200);
+        assert_eq!(healthy.health().await.healthz, "ok");
+        let mut steps = Vec::new();
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            let before = calls(&backend);
+            assert_eq!(healthy.health().await.healthz, "ok");
+            steps.push(calls(&backend) - before);
+            if steps.iter().filter(|&&s| s == 3).count() == 2 {
+                break;
+            }
+        }
+        assert!(steps.contains(&1), "key checks between round trips: {steps:?}");
+        assert_eq!(
+            steps.iter().filter(|&&s| s == 3).count(),
+            2,
+            "round trips keep coming: {steps:?}"
+        );
+        assert!(steps.iter().all(|&s| s == 1 || s == 3), "{steps:?}");
+    }
+
+    #[tokio::test]
+    async fn real_calls_that_work_spare_the_round_trip() {
+        let (backend, healthy) = layer_with(50, 150);
+        let seed = SecretSlice::from(vec![1u8; 32]);
+        assert_eq!(healthy.health().await.healthz, "ok");
+        for _ in 0..8 {
+            let wrapped = healthy.encrypt("u", &seed).await.unwrap();
+            healthy.decrypt("u", &wrapped).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            let before = calls(&backend);
+            assert_eq!(healthy.health().await.healthz, "ok");
+            assert_eq!(
+                calls(&backend) - before,
+                1,
+                "the real calls just proved encrypt and decrypt"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_key_id_is_proven_by_a_round_trip_at_once() {
+        let (backend, healthy) = layer(50);
+        assert_eq!(healthy.health().await.key_id, "k1");
+        *backend.key_id.lock().unwrap() = "k2".into();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let before = calls(&backend);
+        assert_eq!(healthy.health().await.key_id, "k2");
+        assert_eq!(
+            calls(&backend) - before,
+            3,
+            "key check, then encrypt + decrypt with k2"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_verdict_doubted_by_a_failed_call_is_renewed_only_by_a_round_trip() {
+        let (backend, healthy) = layer(60_000);
+        assert_eq!(healthy.health().await.healthz, "ok");
+        // Encrypt fails but the key check would pass: only a round trip may say ok again.
+        backend.down.store(true, Ordering::SeqCst);
+        let seed = SecretSlice::from(vec![1u8; 32]);
+        assert!(healthy.encrypt("u", &seed).await.is_err());
+        backend.down.store(false, Ordering::SeqCst);
+        backend.lie.store(true, Ordering::SeqCst);
+        let h = healthy.health().await;
+        assert!(
+            h.healthz.contains("did not return what was encrypted"),
+            "{}",
+            h.healthz
+        );
     }
 
     #[tokio::test]

@@ -46,6 +46,13 @@ pub trait KeyService: Send + Sync + 'static {
     /// Looks up which key is current now (a backend round trip at most). Called by the health
     /// layer once per health interval, never once per apiserver poll.
     async fn current_key_id(&self) -> Result<String>;
+
+    /// Whether [`KeyService::current_key_id`] asks the backend itself (PKCS#11, Vault) rather than
+    /// local state only (TPM: the state directory). The health layer lets that one call renew a
+    /// healthy verdict only when it does; otherwise every probe is an encrypt + decrypt round trip.
+    fn key_id_reaches_backend(&self) -> bool {
+        true
+    }
 }
 
 #[async_trait]
@@ -61,5 +68,8 @@ impl<T: KeyService + ?Sized> KeyService for Arc<T> {
     }
     async fn current_key_id(&self) -> Result<String> {
         (**self).current_key_id().await
+    }
+    fn key_id_reaches_backend(&self) -> bool {
+        (**self).key_id_reaches_backend()
     }
 }

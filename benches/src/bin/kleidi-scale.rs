@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use kleidi::health::HealthTtl;
 use serde_json::json;
 
 /// Steady-state target from issue #11.
@@ -47,9 +48,12 @@ struct Args {
     /// Steady state: simulated hours.
     #[arg(long, default_value_t = 1.0)]
     hours: f64,
-    /// Steady state: kleidi's --health-ok-ttl in (simulated) seconds; 30 is kleidi's default.
-    #[arg(long, default_value_t = 30)]
+    /// Steady state: kleidi's --health-ok-ttl in (simulated) seconds; default: kleidi's.
+    #[arg(long, default_value_t = HealthTtl::default().ok.as_secs())]
     health_ok_ttl: u64,
+    /// Steady state: kleidi's --health-roundtrip-interval in (simulated) seconds; default: kleidi's.
+    #[arg(long, default_value_t = HealthTtl::default().roundtrip.as_secs())]
+    health_roundtrip_interval: u64,
     /// Skip point 5.
     #[arg(long)]
     no_cold: bool,
@@ -105,7 +109,8 @@ async fn run(mut args: Args) -> Result<bool> {
             hours: args.hours,
             compress: args.compress,
             health_ok_ttl: Duration::from_secs(args.health_ok_ttl),
-            health_err_ttl: Duration::from_secs(5),
+            health_roundtrip: Duration::from_secs(args.health_roundtrip_interval),
+            health_err_ttl: HealthTtl::default().err,
             token_ttl: Duration::from_secs(3600),
             token_max_ttl: Duration::from_secs(24 * 3600),
         };
@@ -269,9 +274,11 @@ fn report(
         );
         let _ = writeln!(
             md,
-            "\nEach kleidi health probe is a key read + encrypt + decrypt (3 calls) at most once per --health-ok-ttl \
-             ({} s simulated), whatever the number of pollers; token renewals come at 2/3 of the lease.",
-            s.plan.health_ok_ttl.as_secs()
+            "\nkleidi probes at most once per --health-ok-ttl ({} s simulated), whatever the number of pollers: a key \
+             read, plus an encrypt + decrypt when neither a probe nor a real call has shown them working with the \
+             current key for --health-roundtrip-interval ({} s simulated); token renewals come at 2/3 of the lease.",
+            s.plan.health_ok_ttl.as_secs(),
+            s.plan.health_roundtrip.as_secs()
         );
     }
     md

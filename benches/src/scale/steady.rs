@@ -28,8 +28,10 @@ pub struct Plan {
     pub hours: f64,
     /// Time compression factor k.
     pub compress: f64,
-    /// kleidi's `--health-ok-ttl`, simulated (its default 30 s unless overridden).
+    /// kleidi's `--health-ok-ttl`, simulated (its default unless overridden).
     pub health_ok_ttl: Duration,
+    /// kleidi's `--health-roundtrip-interval`, simulated.
+    pub health_roundtrip: Duration,
     /// kleidi's `--health-err-ttl`, simulated.
     pub health_err_ttl: Duration,
     /// The Vault token's lease, simulated (the harness's default: 1 h TTL, 24 h max).
@@ -52,7 +54,8 @@ impl Plan {
     pub fn method(&self) -> String {
         format!(
             "time compressed x{k}: {p} pollers call Status every {i:.3} s real ({is} s simulated); kleidi \
-             --health-ok-ttl {ok} ms, --health-err-ttl {err} ms ({oks} s / {errs} s simulated); Vault token \
+             --health-ok-ttl {ok} ms, --health-roundtrip-interval {rt} ms, --health-err-ttl {err} ms ({oks} s / \
+             {rts} s / {errs} s simulated); Vault token \
              ttl {tt} s, max {tm} s ({tts} s / {tms} s simulated); run {r:.0} s real = {h} h simulated; \
              every kleidi-token request in OpenBao's audit log counted",
             k = self.compress,
@@ -60,6 +63,8 @@ impl Plan {
             i = self.real(self.poll_interval).as_secs_f64(),
             is = self.poll_interval.as_secs(),
             ok = self.real(self.health_ok_ttl).as_millis(),
+            rt = self.real(self.health_roundtrip).as_millis(),
+            rts = self.health_roundtrip.as_secs(),
             err = self.real(self.health_err_ttl).as_millis(),
             oks = self.health_ok_ttl.as_secs(),
             errs = self.health_err_ttl.as_secs(),
@@ -110,12 +115,20 @@ pub async fn run(plan: Plan, kleidi: &Path) -> Result<Outcome> {
         .await?;
     let ok_ttl = format!("{}ms", plan.real(plan.health_ok_ttl).as_millis().max(1));
     let err_ttl = format!("{}ms", plan.real(plan.health_err_ttl).as_millis().max(1));
+    let roundtrip = format!("{}ms", plan.real(plan.health_roundtrip).as_millis().max(1));
     let plugin = KleidiPlugin::start_vault(
         kleidi,
         &bao,
         &bao.url(),
         dir.path(),
-        &["--health-ok-ttl", &ok_ttl, "--health-err-ttl", &err_ttl],
+        &[
+            "--health-ok-ttl",
+            &ok_ttl,
+            "--health-roundtrip-interval",
+            &roundtrip,
+            "--health-err-ttl",
+            &err_ttl,
+        ],
     )
     .await?;
 

@@ -96,14 +96,17 @@ impl Timing {
         self.scale(WRITE_STATE_TTL)
     }
 
-    /// kleidi's `--health-ok-ttl` / `--health-err-ttl` (30 s / 5 s upstream-scaled, at least 200 ms).
+    /// kleidi's health flags: its defaults, upstream-scaled (at least 200 ms).
     fn kleidi_flags(self) -> Vec<String> {
         let ms = |d: Duration| format!("{}ms", self.scale(d).as_millis().max(200));
+        let ttl = kleidi::health::HealthTtl::default();
         vec![
             "--health-ok-ttl".into(),
-            ms(Duration::from_secs(30)),
+            ms(ttl.ok),
+            "--health-roundtrip-interval".into(),
+            ms(ttl.roundtrip),
             "--health-err-ttl".into(),
-            ms(Duration::from_secs(5)),
+            ms(ttl.err),
         ]
     }
 }

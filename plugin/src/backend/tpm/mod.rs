@@ -213,6 +213,11 @@ impl Inner {
     fn refresh_current(&self) -> Result<String> {
         let current = state::read_current(&self.cfg.state_dir)?.ok_or_else(|| {
             Error::Config(format!(
+
+    /// The key_id comes from the state directory: reading it tells nothing about the TPM.
+    fn key_id_reaches_backend(&self) -> bool {
+        false
+    }
                 "{}/current is gone; kleidi never creates keys by itself (`kleidi tpm init`)",
                 self.cfg.state_dir.display()
             ))
