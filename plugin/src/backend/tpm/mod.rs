@@ -24,11 +24,12 @@
 //! with parameter encryption, so seeds cross the bus to a discrete TPM encrypted.
 //!
 //! **Concurrency.** An ESAPI `Context` is `Send` but not `Sync`, and its session carries rolling
-//! nonces, so commands must not interleave: one mutex guards the connection, and every call takes
-//! it on a `spawn_blocking` thread. A TPM executes one command at a time anyway, so a pool would
-//! only queue inside the TPM. Status costs no TPM command: `current_key_id` reads the state
-//! directory (which also makes a rotation by `kleidi tpm init` visible without a restart); the
-//! health layer's cached probe is what exercises the TPM.
+//! nonces, so commands must not interleave: one mutex guards the connection. Callers wait for
+//! their turn in a first-come queue and only then take a `spawn_blocking` thread, so a caller that
+//! times out in the queue costs no thread and no TPM time. A TPM executes one command at a time
+//! anyway, so a pool would only queue inside the TPM. Status costs no TPM command:
+//! `current_key_id` reads the state directory (which also makes a rotation by `kleidi tpm init`
+//! visible without a restart); the health layer's cached probe is what exercises the TPM.
 //!
 //! **Faults.** A connection failure or a TPM that forgot our handles (restarted) drops the
 //! connection; the call is retried once on a fresh one (new context, primary, session, KEK load),
@@ -84,6 +85,11 @@ pub struct TpmBackend {
 
 struct Inner {
     cfg: TpmConfig,
+    /// Callers queue here, first come first served, before they take a blocking thread: the TPM runs
+    /// one command at a time, and a caller that gives up (the call timeout) leaves the queue without
+    /// having used a thread or a turn. Waiting on `tpm` itself instead parks one blocking thread
+    /// per caller on an unfair lock (64 callers: 3 s tails and 67 threads).
+    turn: Arc<tokio::sync::Semaphore>,
     tpm: Mutex<Tpm>,
     keys: Mutex<state::Keyring>,
 }
@@ -118,6 +124,7 @@ impl TpmBackend {
         })?;
         let inner = Arc::new(Inner {
             cfg,
+            turn: Arc::new(tokio::sync::Semaphore::new(1)),
             tpm: Mutex::new(Tpm::default()),
             keys: Mutex::new(ring),
         });
@@ -148,7 +155,7 @@ impl KeyService for TpmBackend {
         }
         let seed = Zeroizing::new(plaintext.expose_secret().to_vec());
         let inner = Arc::clone(&self.inner);
-        blocking(move || {
+        in_turn(&self.inner, move || {
             let key_id = match lock(&inner.keys).current.clone() {
                 Some(key_id) => key_id,
                 None => inner.refresh_current()?,
@@ -189,7 +196,7 @@ impl KeyService for TpmBackend {
             Error::BadCiphertext("the ciphertext is not a sealed seed of this format".into())
         })?;
         let inner = Arc::clone(&self.inner);
-        blocking(move || {
+        in_turn(&self.inner, move || {
             if !lock(&inner.keys).keys.contains_key(&key_id) {
                 // A key made by `kleidi tpm init` after this process read the directory.
                 let ring = state::read(&inner.cfg.state_dir)?;
@@ -373,3 +380,19 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
+/// Runs a TPM command sequence on a blocking thread once it is this caller's turn.
+async fn in_turn<T: Send + 'static>(
+    inner: &Inner,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let turn = Arc::clone(&inner.turn)
+        .acquire_owned()
+        .await
+        .map_err(|_| Error::Backend("tpm call queue closed".into()))?;
+    blocking(move || {
+        let _turn = turn;
+        f()
+    })
+    .await
+}
+
