@@ -110,8 +110,8 @@ fn pkcs11(c: &mut Criterion) {
     .unwrap();
     // SAFETY: set before any thread exists and before the module is loaded, which reads it.
     unsafe { std::env::set_var("SOFTHSM2_CONF", &conf) };
-    std::fs::write(dir.path().join("pin"), PIN).unwrap();
-    std::fs::write(dir.path().join("so-pin"), "bench-so-pin").unwrap();
+    kleidi_harness::runtime::write_private(&dir.path().join("pin"), PIN).unwrap();
+    kleidi_harness::runtime::write_private(&dir.path().join("so-pin"), "bench-so-pin").unwrap();
     let cfg = Pkcs11Config {
         module: MODULE.into(),
         token_label: "bench".into(),

@@ -79,7 +79,7 @@ impl OpenBao {
         }
         bao.bao(&["secrets", "enable", "transit"])?;
         bao.bao(&["write", "-f", &format!("transit/keys/{KEY}")])?;
-        std::fs::write(bao.dir.path().join("token"), ROOT)?;
+        kleidi_harness::runtime::write_private(&bao.dir.path().join("token"), ROOT)?;
         Ok(bao)
     }
 
@@ -127,6 +127,7 @@ impl OpenBao {
             vault_client_cert: None,
             vault_client_key: None,
             vault_namespace: None,
+            vault_allow_plain_http: false,
         }
     }
 

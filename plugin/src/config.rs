@@ -20,6 +20,11 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, env = "KLEIDI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    /// Read credential files (PIN, token, secret_id, JWT, TPM auth, Vault client key) even when
+    /// other users can read or change them (group/other mode bits, another owner than kleidi's user
+    /// or root): a warning instead of a refusal.
+    #[arg(long, env = "KLEIDI_ALLOW_INSECURE_CREDENTIAL_FILES", global = true)]
+    pub allow_insecure_credential_files: bool,
 }
 
 /// Subcommands.
@@ -330,6 +335,18 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         .map_err(|e| format!("{s:?} is not an octal mode: {e}"))?;
     if mode & !0o777 != 0 {
         return Err(format!("{s:?}: only permission bits (0777) are allowed"));
+    }
+    /// Accept an http:// --vault-addr whose host is not loopback (token, credentials and seeds then
+    /// cross the network unencrypted): only where the path is protected otherwise.
+    #[arg(long, env = "KLEIDI_VAULT_ALLOW_PLAIN_HTTP")]
+    pub vault_allow_plain_http: bool,
+}
+
+fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err(format!("{s:?}: must be longer than zero")),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{s:?}: {e}")),
     }
     if mode & 0o007 != 0 {
         return Err(format!(

@@ -11,6 +11,7 @@
 pub mod authority;
 pub mod backend;
 pub mod config;
+pub mod credfile;
 pub mod error;
 pub mod grpc;
 pub mod guard;

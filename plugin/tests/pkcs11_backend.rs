@@ -432,7 +432,7 @@ async fn a_wrong_pin_is_denied_and_never_retried_until_the_pin_file_changes() {
     let token = Token::new("wrong-pin");
     token.init("kek").await;
     let pin_file = token.files.path().join("wrong-pin");
-    std::fs::write(&pin_file, "not-the-pin\n").unwrap();
+    softhsm::write_private(&pin_file, "not-the-pin\n");
     let cfg = Pkcs11Config {
         pin_file: pin_file.clone(),
         ..token.config("kek")
@@ -467,7 +467,7 @@ async fn a_wrong_pin_is_denied_and_never_retried_until_the_pin_file_changes() {
     );
 
     // Fixing the file is enough: the same backend logs in on its next call.
-    std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
+    softhsm::write_private(&pin_file, format!("{PIN}\n"));
     round_trip(&backend).await;
     assert!(!backend.token_status().await.unwrap().user_pin_count_low);
 }

@@ -411,6 +411,55 @@ async fn a_crashed_instance_socket_is_replaced_but_a_live_one_is_not_stolen() {
 }
 
 #[tokio::test]
+async fn a_pin_file_other_users_can_read_stops_kleidi_unless_allowed_then_warns_once() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let token = Token::new();
+    std::fs::set_permissions(token.pin_file(), std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    // Refused at start: the file, its mode and the fix are named; the PIN is not.
+    let socket = token.dir.path().join("run/refused.sock");
+    let log = token.dir.path().join("refused.log");
+    let child = Kleidi::spawn(&token, KEK, &socket, &log, &[]);
+    let mut refused = Kleidi { child, socket, log };
+    assert_eq!(refused.wait(Duration::from_secs(20)), Some(1));
+    let logs = refused.logs();
+    for part in [
+        "--pkcs11-pin-file",
+        token.pin_file().to_str().unwrap(),
+        "mode 0644",
+        "chmod 600",
+        "--allow-insecure-credential-files",
+    ] {
+        assert!(logs.contains(part), "{part:?} missing: {logs}");
+    }
+    assert!(!logs.contains(PIN), "{logs}");
+
+    // With the flag: served, with one warning (not one per login).
+    let k = Kleidi::start(&token, KEK, &["--allow-insecure-credential-files"]);
+    // Concurrent calls open several sessions, each logging in with the PIN file.
+    let client = k.v2().await;
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let request = v2::EncryptRequest {
+                    plaintext: seed(),
+                    uid: "test".into(),
+                };
+                client.encrypt(request).await
+            })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let logs = k.logs();
+    assert_eq!(logs.matches("reading it anyway").count(), 1, "{logs}");
+    assert!(logs.contains("WARN") && logs.contains("mode 0644"), "{logs}");
+    assert!(!logs.contains(PIN), "{logs}");
+}
+
+#[tokio::test]
 async fn logs_carry_no_pin_and_no_key_material() {
     let token = Token::new();
     let k = Kleidi::start(&token, KEK, &[]);

@@ -334,7 +334,7 @@ async fn a_refused_owner_auth_is_denied_and_not_presented_again_until_the_file_c
     node.init().await;
     set_owner_auth(&node, b"owner-secret-7f1c");
     let auth_file = node.dir.path().join("owner-auth");
-    std::fs::write(&auth_file, "not-the-owner-secret\n").unwrap();
+    swtpm::write_private(&auth_file, "not-the-owner-secret\n");
     let cfg = TpmConfig {
         owner_auth_file: Some(auth_file.clone()),
         ..node.config()
@@ -365,7 +365,7 @@ async fn a_refused_owner_auth_is_denied_and_not_presented_again_until_the_file_c
         );
     }
 
-    std::fs::write(&auth_file, "owner-secret-7f1c\n").unwrap();
+    swtpm::write_private(&auth_file, "owner-secret-7f1c\n");
     round_trip(&backend).await;
 }
 

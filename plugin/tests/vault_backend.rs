@@ -16,7 +16,7 @@ mod vault_support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kleidi::backend::vault::{SERVICE_ACCOUNT_TOKEN, VaultBackend};
+use kleidi::backend::vault::{MAX_QUEUED_DECRYPTS, SERVICE_ACCOUNT_TOKEN, VaultBackend};
 use kleidi::config::VaultAuth;
 use kleidi::guard::Guarded;
 use kleidi::{Encrypted, Error, KeyService};
@@ -277,6 +277,89 @@ async fn a_sealed_server_is_unavailable_with_class_sealed() {
         assert!(err.affects_health());
         assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
     }
+}
+
+/// Log lines written through a `tracing` subscriber, for assertions.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+// A current-thread runtime under a thread-local subscriber, so every log line of the call is seen.
+#[test]
+fn plain_http_to_a_vault_that_is_not_loopback_is_refused_unless_allowed_then_warned() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    vault_support::write_private(&token, ROOT);
+    // TEST-NET-1 (RFC 5737): never routed, so nothing is sent anywhere.
+    let remote = "http://192.0.2.1:8200".to_string();
+    let local = format!("http://127.0.0.1:{}", free_port());
+    let mut a = args(vec![local, remote], "kek", &token);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let err = runtime.block_on(VaultBackend::connect(&a)).err().unwrap();
+    let text = err.to_string();
+    assert!(matches!(err, Error::Config(_)), "{text}");
+    assert!(
+        text.contains("192.0.2.1")
+            && text.contains("--vault-allow-plain-http")
+            && text.contains("unencrypted"),
+        "{text}"
+    );
+
+    a.vault_allow_plain_http = true;
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        // Vault does not answer there: kleidi starts anyway, as with any unreachable Vault.
+        drop(runtime.block_on(VaultBackend::connect(&a)).unwrap());
+    });
+    let logged = logs.text();
+    assert!(
+        logged.contains("WARN") && logged.contains("PLAIN HTTP") && logged.contains("192.0.2.1"),
+        "{logged}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credential_files_other_users_can_read_are_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let bao = Bao::dev();
+    let token = bao.file("token", ROOT);
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = VaultBackend::connect(&bao.args("kek", &token))
+        .await
+        .err()
+        .unwrap();
+    let text = err.to_string();
+    assert!(matches!(err, Error::Config(_)), "{text}");
+    assert!(
+        text.contains("--vault-token-file") && text.contains("mode 0644") && text.contains("chmod 600"),
+        "{text}"
+    );
+    assert!(!text.contains(ROOT), "{text}");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    round_trip(&VaultBackend::connect(&bao.args("kek", &token)).await.unwrap(), 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -570,6 +653,133 @@ async fn a_bad_ciphertext_in_a_batch_fails_only_itself() {
     );
 }
 
+/// `n` ciphertexts of `seed(i as u8)`, encrypted 64 at a time (each call is a connection).
+async fn encrypt_many(backend: &Arc<VaultBackend>, n: usize) -> Vec<Encrypted> {
+    let mut wrapped = Vec::new();
+    for start in (0..n).step_by(64) {
+        let tasks: Vec<_> = (start..n.min(start + 64))
+            .map(|i| {
+                let backend = backend.clone();
+                tokio::spawn(async move { backend.encrypt("u", &seed(i as u8)).await.unwrap() })
+            })
+            .collect();
+        for task in tasks {
+            wrapped.push(task.await.unwrap());
+        }
+    }
+    wrapped
+}
+
+/// Decrypts that hold every call slot of `backend`: `wrapped` sent to a paused server, answered
+/// once it resumes.
+async fn hold_every_slot(
+    backend: &Arc<VaultBackend>,
+    wrapped: &[Encrypted],
+) -> Vec<tokio::task::JoinHandle<Result<Vec<u8>, Error>>> {
+    let holders = wrapped
+        .iter()
+        .map(|w| {
+            let (backend, w) = (backend.clone(), w.clone());
+            tokio::spawn(async move { backend.decrypt("u", &w).await.map(|p| p.expose_secret().to_vec()) })
+        })
+        .collect();
+    // Long enough for all of them to be calling Vault, not queued.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    holders
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn decrypts_whose_callers_gave_up_are_not_sent_to_vault() {
+    let bao = Bao::dev_audited();
+    let backend = Arc::new(root_backend(&bao, "kek").await);
+    let wrapped = encrypt_many(&backend, 26).await;
+    let before = bao.audited_decrypt_items("kek");
+    // The 4 call slots busy on a hung server: every further decrypt queues.
+    bao.pause();
+    let holders = hold_every_slot(&backend, &wrapped[..4]).await;
+    // 20 callers give up after 50 ms (as the guard's timeout drops them); 2 keep waiting.
+    let quitters: Vec<_> = wrapped[4..24]
+        .iter()
+        .map(|w| {
+            let (backend, w) = (backend.clone(), w.clone());
+            tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_millis(50), backend.decrypt("u", &w)).await
+            })
+        })
+        .collect();
+    let waiters = decrypt_later(&backend, &wrapped[24..]);
+    for quitter in quitters {
+        assert!(
+            quitter.await.unwrap().is_err(),
+            "a queued decrypt answered on a hung server"
+        );
+    }
+    bao.resume();
+    for (i, holder) in holders.into_iter().enumerate() {
+        assert_eq!(holder.await.unwrap().unwrap(), vec![i as u8; 32]);
+    }
+    for (i, waiter) in waiters.into_iter().enumerate() {
+        assert_eq!(
+            waiter.await.unwrap().unwrap(),
+            vec![24 + i as u8; 32],
+            "a live queued decrypt"
+        );
+    }
+    // Anything else kleidi would send has been sent by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        bao.audited_decrypt_items("kek") - before,
+        4 + 2,
+        "Vault was asked to decrypt for callers that had given up"
+    );
+}
+
+fn decrypt_later(
+    backend: &Arc<VaultBackend>,
+    wrapped: &[Encrypted],
+) -> Vec<tokio::task::JoinHandle<Result<Vec<u8>, Error>>> {
+    wrapped
+        .iter()
+        .map(|w| {
+            let (backend, w) = (backend.clone(), w.clone());
+            tokio::spawn(async move { backend.decrypt("u", &w).await.map(|p| p.expose_secret().to_vec()) })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_decrypt_queue_refuses_at_once_instead_of_growing() {
+    const OVER: usize = 30;
+    let bao = Bao::dev();
+    let backend = Arc::new(root_backend(&bao, "kek").await);
+    let wrapped = encrypt_many(&backend, 4 + MAX_QUEUED_DECRYPTS + OVER).await;
+    bao.pause();
+    let holders = hold_every_slot(&backend, &wrapped[..4]).await;
+    let queued = decrypt_later(&backend, &wrapped[4..]);
+    // While the server hangs, only refusals can have answered, and exactly the decrypts beyond the
+    // bound are refused.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let done: Vec<usize> = (0..queued.len()).filter(|&i| queued[i].is_finished()).collect();
+    bao.resume();
+    assert_eq!(done.len(), OVER, "refused at once: {done:?}");
+    for holder in holders {
+        holder.await.unwrap().unwrap();
+    }
+    let mut refused = 0;
+    for (i, task) in queued.into_iter().enumerate() {
+        match task.await.unwrap() {
+            Ok(plain) => assert_eq!(plain, vec![(4 + i) as u8; 32], "item {i}"),
+            Err(err) => {
+                assert_eq!(err.class(), "overloaded", "item {i}: {err}");
+                assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
+                assert!(done.contains(&i), "item {i} was refused late");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, OVER);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn status_is_one_vault_call_and_encrypt_one_transit_call() {
     let bao = Bao::dev_audited();
@@ -802,6 +1012,18 @@ async fn tls_is_verified_and_cert_auth_logs_in_with_the_client_certificate() {
     let a = cert_args(&bao, &cert, &key);
     let backend = VaultBackend::connect(&a).await.unwrap();
     round_trip(&backend, 1).await;
+
+    // A client key other users can read is refused at start.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = VaultBackend::connect(&a).await.err().unwrap();
+        assert!(
+            matches!(err, Error::Config(_)) && err.to_string().contains("--vault-client-key"),
+            "{err}"
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
 
     // A server name the certificate does not carry fails verification (network class, not a login).
     let mut wrong_name = a.clone();

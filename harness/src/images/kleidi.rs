@@ -24,8 +24,9 @@ pub const TAG: &str = env!("CARGO_PKG_VERSION");
 pub const SOCKET_DIR: &str = "/run/kleidi";
 
 /// The SoftHSM token set-up, then `kleidi serve` with `$KLEIDI_BACKEND_ARGS`.
+/// `umask 077` before the PIN files: kleidi refuses PIN files other users can read.
 const PKCS11_INIT: &str = "mkdir -p /etc/kleidi /var/lib/softhsm/tokens && printf '%s\\n' \"$SOFTHSM_CONF\" >/etc/kleidi/softhsm2.conf \
-    && printf '%s\\n' \"$PIN\" >/etc/kleidi/pkcs11-pin && printf '%s\\n' \"$SO_PIN\" >/etc/kleidi/pkcs11-so-pin \
+    && umask 077 && printf '%s\\n' \"$PIN\" >/etc/kleidi/pkcs11-pin && printf '%s\\n' \"$SO_PIN\" >/etc/kleidi/pkcs11-so-pin \
     && /usr/local/bin/kleidi pkcs11 init --pkcs11-pin-file /etc/kleidi/pkcs11-pin --pkcs11-so-pin-file /etc/kleidi/pkcs11-so-pin && ";
 
 /// `kleidi serve` on the shared socket directory.

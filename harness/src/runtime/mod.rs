@@ -48,3 +48,19 @@ pub fn free_port() -> std::io::Result<u16> {
         "no free port in 20000..32000 after 1000 draws",
     ))
 }
+
+/// Writes a credential file (PIN, token, auth value) as kleidi requires one: only its owner may
+/// read it (0600), else kleidi refuses it. The mode is set on creation, and again for a file that
+/// already existed (truncating keeps the old mode).
+pub fn write_private(path: &std::path::Path, content: impl AsRef<[u8]>) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(content.as_ref())
+}

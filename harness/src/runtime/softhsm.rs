@@ -31,13 +31,14 @@ impl SoftHsmToken {
                 tokens.display()
             ),
         )?;
-        // Random PINs: nothing about a test token is guessable from the repository.
-        std::fs::write(
-            dir.path().join("pin"),
+        // Random PINs: nothing about a test token is guessable from the repository. Mode 0600:
+        // kleidi refuses PIN files other users can read.
+        super::write_private(
+            &dir.path().join("pin"),
             format!("{}\n", uuid::Uuid::new_v4().simple()),
         )?;
-        std::fs::write(
-            dir.path().join("so-pin"),
+        super::write_private(
+            &dir.path().join("so-pin"),
             format!("{}\n", uuid::Uuid::new_v4().simple()),
         )?;
         let token = SoftHsmToken {

@@ -13,6 +13,12 @@
     clippy::indexing_slicing
 )]
 
+#[path = "private.rs"]
+mod private;
+
+#[allow(unused_imports)] // not every test binary writes credential files
+pub use private::write_private;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
@@ -114,8 +120,8 @@ impl Token {
         let label = format!("kt-{name}");
         assert!(label.len() <= 32, "token label {label:?} is over 32 bytes");
         let files = tempfile::tempdir().unwrap();
-        std::fs::write(files.path().join("pin"), format!("{PIN}\n")).unwrap();
-        std::fs::write(files.path().join("so-pin"), SO_PIN).unwrap();
+        write_private(&files.path().join("pin"), format!("{PIN}\n"));
+        write_private(&files.path().join("so-pin"), SO_PIN);
         Token { label, files }
     }
 

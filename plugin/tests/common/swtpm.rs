@@ -10,6 +10,12 @@
     clippy::indexing_slicing
 )]
 
+#[path = "private.rs"]
+mod private;
+
+#[allow(unused_imports)] // not every test binary writes credential files
+pub use private::write_private;
+
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -9,6 +9,12 @@
     clippy::indexing_slicing
 )]
 
+#[path = "../common/private.rs"]
+mod private;
+
+#[allow(unused_imports)] // not every test binary writes credential files
+pub use private::write_private;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,8 +50,8 @@ impl Token {
             ),
         )
         .unwrap();
-        std::fs::write(dir.path().join("pin"), format!("{PIN}\n")).unwrap();
-        std::fs::write(dir.path().join("so-pin"), SO_PIN).unwrap();
+        write_private(&dir.path().join("pin"), format!("{PIN}\n"));
+        write_private(&dir.path().join("so-pin"), SO_PIN);
         let token = Token {
             dir,
             label: "kleidi-test".into(),

@@ -7,7 +7,12 @@
 #![allow(dead_code)]
 
 pub mod identity;
+#[path = "../common/private.rs"]
+mod private;
 pub mod serve;
+
+#[allow(unused_imports)] // not every test binary writes credential files
+pub use private::write_private;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -101,6 +106,24 @@ impl Bao {
             .lines()
             .filter(|l| l.contains("\"type\":\"request\"") && l.contains(path))
             .count()
+    }
+
+    /// Transit decrypt items for key `key` the audit device logged: one per single decrypt, one
+    /// per entry of a batch's `batch_input`.
+    pub fn audited_decrypt_items(&self, key: &str) -> usize {
+        let dir = self.audit_dir.as_ref().expect("started with dev_audited");
+        let path = format!("transit/decrypt/{key}");
+        std::fs::read_to_string(dir.path().join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|entry| entry["type"] == "request" && entry["request"]["path"] == path.as_str())
+            .map(|entry| {
+                entry["request"]["data"]["batch_input"]
+                    .as_array()
+                    .map_or(1, Vec::len)
+            })
+            .sum()
     }
 
     /// Responses the audit device logged with an error (a refused token, a denied path) for
@@ -359,10 +382,11 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
         self.run_in(namespace, &["policy", "write", name, file.to_str().unwrap()]);
     }
 
-    /// Writes `content` to a file under this server's temp dir.
+    /// Writes `content` to a file under this server's temp dir, mode 0600 as kleidi requires of a
+    /// credential file (tokens, secret_ids, JWTs go through here).
     pub fn file(&self, name: &str, content: &str) -> PathBuf {
         let path = self.dir.path().join(name);
-        std::fs::write(&path, content).unwrap();
+        write_private(&path, content);
         path
     }
 
@@ -390,6 +414,7 @@ pub fn args(addrs: Vec<String>, key: &str, token_file: &Path) -> VaultArgs {
         vault_client_cert: None,
         vault_client_key: None,
         vault_namespace: None,
+        vault_allow_plain_http: false,
     }
 }
 

@@ -5,6 +5,7 @@
 //! SoftHSM, tpm2-tss). Backend state the host prepared (a SoftHSM token, a token file) is mounted
 //! at the same path it has on the host, so the flags are the process runtime's.
 
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -59,7 +60,13 @@ impl KleidiNode {
             .kleidi
             .canonicalize()
             .with_context(|| spec.kleidi.display().to_string())?;
+        // kleidi runs as the host user that made the files it is given (socket directory, PIN and
+        // token files), as root when the harness is root: kleidi refuses credential files owned by
+        // another user than its own or root, and the harness must reach the 0600 socket it creates.
+        let owner =
+            std::fs::metadata(&spec.socket_dir).with_context(|| spec.socket_dir.display().to_string())?;
         let mut request = image
+            .with_user(format!("{}:{}", owner.uid(), owner.gid()))
             .with_network(spec.network.clone())
             .with_container_name(spec.name.clone())
             .with_label(RUN_LABEL, spec.network.clone())

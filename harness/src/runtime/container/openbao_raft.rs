@@ -381,6 +381,9 @@ impl OpenBaoRaft {
         for url in urls {
             flags.extend(["--vault-addr".to_string(), url.clone()]);
         }
+        // The cluster serves plain HTTP on the run's own Docker network (container IPs, the
+        // gateway's fault proxies): not loopback, so kleidi needs the opt-in.
+        flags.push("--vault-allow-plain-http".to_string());
         flags.extend(
             [
                 "--vault-transit-mount",

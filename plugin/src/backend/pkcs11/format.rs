@@ -30,21 +30,21 @@ pub(super) const KEY_ID_PREFIX: &str = "pkcs11:";
 /// PKCS#11 token labels are 32 bytes, blank padded.
 pub(super) const MAX_TOKEN_LABEL: usize = 32;
 
-/// Reads a PIN file: the whole content minus one trailing newline, zeroizing. Blocking.
-pub(super) fn read_pin(path: &Path, what: &str) -> Result<Zeroizing<Vec<u8>>> {
-    let raw = Zeroizing::new(
-        std::fs::read(path)
-            .map_err(|e| Error::Config(format!("cannot read the {what} file {}: {e}", path.display())))?,
-    );
+/// The flag naming the user PIN file, for errors.
+pub(super) const PIN_FLAG: &str = "--pkcs11-pin-file";
+/// The flag naming the security officer PIN file, for errors.
+pub(super) const SO_PIN_FLAG: &str = "--pkcs11-so-pin-file";
+
+/// Reads a PIN file (named by `flag` in errors; refused if other users can read or change it, see
+/// [`credfile`](crate::credfile)): the whole content minus one trailing newline, zeroizing. Blocking.
+pub(super) fn read_pin(path: &Path, flag: &str) -> Result<Zeroizing<Vec<u8>>> {
+    let raw = crate::credfile::read(path, flag)?;
     let mut pin: &[u8] = &raw;
     if let Some(rest) = pin.strip_suffix(b"\n") {
         pin = rest.strip_suffix(b"\r").unwrap_or(rest);
     }
     if pin.is_empty() {
-        return Err(Error::Config(format!(
-            "the {what} file {} is empty",
-            path.display()
-        )));
+        return Err(Error::Config(format!("{flag} {} is empty", path.display())));
     }
     // `to_vec` allocates exactly `len`, so later conversions into boxes never reallocate (and leave
     // an unzeroized copy behind).
@@ -227,10 +227,31 @@ mod tests {
             (b"1234\r\n", b"1234"),
             (b"12 34\n\n", b"12 34\n"),
         ] {
-            std::fs::write(&path, content).unwrap();
-            assert_eq!(&*read_pin(&path, "PIN").unwrap(), pin);
+            write_private(&path, content);
+            assert_eq!(&*read_pin(&path, PIN_FLAG).unwrap(), pin);
         }
-        std::fs::write(&path, "\n").unwrap();
-        assert!(matches!(read_pin(&path, "PIN"), Err(Error::Config(_))));
+        write_private(&path, b"\n");
+        assert!(matches!(read_pin(&path, PIN_FLAG), Err(Error::Config(_))));
+    }
+
+    fn write_private(path: &Path, content: &[u8]) {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::write(path, content).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    #[test]
+    fn pin_files_other_users_can_read_are_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pin");
+        write_private(&path, b"1234\n");
+        assert_eq!(&*read_pin(&path, SO_PIN_FLAG).unwrap(), b"1234");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_pin(&path, SO_PIN_FLAG).unwrap_err().to_string();
+        assert!(
+            err.contains("--pkcs11-so-pin-file") && err.contains("mode 0644") && !err.contains("1234"),
+            "{err}"
+        );
     }
 }

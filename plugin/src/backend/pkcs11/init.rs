@@ -10,7 +10,9 @@ use cryptoki::slot::Slot;
 use rand::RngCore;
 
 use super::errors::classify;
-use super::format::{KEY_ID_BYTES, key_id_for, raw_pin, read_pin, secret_key, text_pin, validate};
+use super::format::{
+    KEY_ID_BYTES, PIN_FLAG, SO_PIN_FLAG, key_id_for, raw_pin, read_pin, secret_key, text_pin, validate,
+};
 use super::module::Module;
 use super::{BACKEND, InitOutcome, Pkcs11Config, join_error, lock};
 use crate::{Error, Result};
@@ -35,7 +37,7 @@ pub(super) fn init_blocking(cfg: &Pkcs11Config, so_pin_file: &Path) -> Result<In
     // declared later and so dropped (closed) before it.
     let _life = module.read();
     let ctx = &module.ctx;
-    let pin = read_pin(&cfg.pin_file, "PIN")?;
+    let pin = read_pin(&cfg.pin_file, PIN_FLAG)?;
 
     let find = |label: &str| -> Result<Option<Slot>> {
         for slot in ctx
@@ -69,7 +71,7 @@ pub(super) fn init_blocking(cfg: &Pkcs11Config, so_pin_file: &Path) -> Result<In
                         module.path.display()
                     ))
                 })?;
-            let so_pin = text_pin(&read_pin(so_pin_file, "SO PIN")?, "SO PIN")?;
+            let so_pin = text_pin(&read_pin(so_pin_file, SO_PIN_FLAG)?, "SO PIN")?;
             ctx.init_token(free, &so_pin, &cfg.token_label)
                 .map_err(|e| classify("initialize token", e))?;
             // SoftHSM moves a freshly initialized token to a new slot number: look it up again.
@@ -86,7 +88,7 @@ pub(super) fn init_blocking(cfg: &Pkcs11Config, so_pin_file: &Path) -> Result<In
 
     let info = ctx.get_token_info(slot).map_err(|e| classify("token info", e))?;
     if !info.user_pin_initialized() {
-        let so_pin = text_pin(&read_pin(so_pin_file, "SO PIN")?, "SO PIN")?;
+        let so_pin = text_pin(&read_pin(so_pin_file, SO_PIN_FLAG)?, "SO PIN")?;
         let session = ctx
             .open_rw_session(slot)
             .map_err(|e| classify("open session", e))?;

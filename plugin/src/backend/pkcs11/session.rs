@@ -11,7 +11,7 @@ use cryptoki::slot::Slot;
 use zeroize::Zeroizing;
 
 use super::errors::{TOKEN_LOST, classify, is_lost, log_failure, token_lost};
-use super::format::{raw_pin, read_pin};
+use super::format::{PIN_FLAG, raw_pin, read_pin};
 use super::module::Module;
 use super::{BACKEND, Pkcs11Config, RELOAD_INTERVAL, lock};
 use crate::{Error, Result};
@@ -294,7 +294,7 @@ impl Inner {
     /// exactly that content. `CKR_USER_ALREADY_LOGGED_IN` is success (login state is per process).
     pub(super) fn login(&self, session: &Session) -> Result<()> {
         let mut login = lock(&self.login);
-        let pin = read_pin(&self.cfg.pin_file, "PIN")?;
+        let pin = read_pin(&self.cfg.pin_file, PIN_FLAG)?;
         if login.rejected.as_deref() == Some(&*pin) {
             let error = Error::Denied {
                 backend: BACKEND,

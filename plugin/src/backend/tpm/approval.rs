@@ -170,7 +170,7 @@ pub struct Approval {
 impl Approval {
     /// `kleidi tpm approve`: signs the duplication of this admin key's KEKs to `parent`.
     pub fn sign(admin_key: &Path, parent: &ParentFile) -> Result<Self> {
-        let pkcs8 = read_secret(admin_key)?;
+        let pkcs8 = read_secret(admin_key, "--admin-key")?;
         let (pair, admin) = load_admin_key(&pkcs8)?;
         let parent_name = parent.name()?;
         let message = approval_message(&approved_policy(&parent_name));

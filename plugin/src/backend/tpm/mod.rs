@@ -293,7 +293,7 @@ impl Inner {
     fn owner_auth(&self) -> Result<Zeroizing<Vec<u8>>> {
         match &self.cfg.owner_auth_file {
             None => Ok(Zeroizing::new(Vec::new())),
-            Some(path) => read_secret(path),
+            Some(path) => read_secret(path, OWNER_AUTH_FLAG),
         }
     }
 }
@@ -343,7 +343,7 @@ pub async fn init(cfg: &TpmConfig) -> Result<String> {
 fn open(cfg: &TpmConfig) -> Result<Connection> {
     let auth = match &cfg.owner_auth_file {
         None => Zeroizing::new(Vec::new()),
-        Some(path) => read_secret(path)?,
+        Some(path) => read_secret(path, OWNER_AUTH_FLAG)?,
     };
     Connection::open(&cfg.tcti, &auth)
 }
@@ -357,11 +357,13 @@ fn validate(cfg: &TpmConfig) -> Result<()> {
     Ok(())
 }
 
-/// An auth file: one trailing newline is not part of the value.
-fn read_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
-    let mut bytes = Zeroizing::new(
-        std::fs::read(path).map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?,
-    );
+/// The flag naming the owner auth file, for errors.
+const OWNER_AUTH_FLAG: &str = "--tpm-owner-auth-file";
+
+/// A secret file named by `flag` (refused if other users can read or change it, see
+/// [`crate::credfile`]): one trailing newline is not part of the value.
+fn read_secret(path: &Path, flag: &str) -> Result<Zeroizing<Vec<u8>>> {
+    let mut bytes = crate::credfile::read(path, flag)?;
     if bytes.ends_with(b"\n") {
         bytes.pop();
         if bytes.ends_with(b"\r") {
@@ -371,15 +373,6 @@ fn read_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
     Ok(bytes)
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Backend(format!("tpm worker thread: {e}")))?
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 /// Runs a TPM command sequence on a blocking thread once it is this caller's turn.
 async fn in_turn<T: Send + 'static>(
     inner: &Inner,
@@ -396,3 +389,36 @@ async fn in_turn<T: Send + 'static>(
     .await
 }
 
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Backend(format!("tpm worker thread: {e}")))?
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn auth_files_other_users_can_read_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("owner-auth");
+        std::fs::write(&path, "owner-secret\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(&read_secret(&path, OWNER_AUTH_FLAG).unwrap()[..], b"owner-secret");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_secret(&path, OWNER_AUTH_FLAG).unwrap_err().to_string();
+        assert!(
+            err.contains("--tpm-owner-auth-file")
+                && err.contains("mode 0644")
+                && !err.contains("owner-secret"),
+            "{err}"
+        );
+    }
+}

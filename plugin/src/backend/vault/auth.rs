@@ -431,12 +431,17 @@ fn auth_info(info: AuthInfo) -> Result<(SecretString, Lease, Option<[u8; 32]>)> 
     Ok((token, lease, None))
 }
 
-/// Reads a one-line secret file. Errors name the file, never its content.
+/// Reads a one-line secret file (refused if other users can read or change it, see
+/// [`crate::credfile`]). Errors name the file, never its content.
 fn read_secret(path: &Path, flag: &str) -> Result<SecretString> {
-    let raw = std::fs::read_to_string(path)
-        .map(SecretString::from)
-        .map_err(|e| Error::Config(format!("{flag} {}: {e}", path.display())))?;
-    let trimmed = SecretString::from(raw.expose_secret().trim());
+    let raw = crate::credfile::read(path, flag)?;
+    let text = std::str::from_utf8(&raw).map_err(|_| {
+        Error::Config(format!(
+            "{flag} {}: not UTF-8 text (one line of printable ASCII expected)",
+            path.display()
+        ))
+    })?;
+    let trimmed = SecretString::from(text.trim());
     if trimmed.expose_secret().is_empty() {
         return Err(Error::Config(format!("{flag} {} is empty", path.display())));
     }
@@ -468,5 +473,30 @@ fn read_digest(creds: &Credentials) -> Option<[u8; 32]> {
     match creds {
         Credentials::Token { file } => read_secret(file, "--vault-token-file").ok().map(|t| digest(&t)),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn secret_files_other_users_can_read_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret-id");
+        std::fs::write(&path, "s.abcdef0123\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let secret = read_secret(&path, "--vault-secret-id-file").unwrap();
+        assert_eq!(secret.expose_secret(), "s.abcdef0123");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_secret(&path, "--vault-secret-id-file").unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, Error::Config(_)), "{text}");
+        assert!(
+            text.contains("--vault-secret-id-file") && text.contains("mode 0644") && !text.contains("abcdef"),
+            "{text}"
+        );
     }
 }

@@ -9,6 +9,11 @@
 //! different ciphertexts took 2.1–2.5 ms here against ~19 ms as 100 separate calls
 //! (fixtures/vault/README.md, "Measured"). Identical ciphertexts are merged before they get here.
 //!
+//! The queue is bounded ([`MAX_QUEUED`]): a decrypt that finds it full fails at once, retryable
+//! (`overloaded`), instead of growing it. A queued decrypt whose caller gave up (the guard's timeout,
+//! a cancelled gRPC call) is dropped before its batch is sent: Vault is not asked for a plaintext
+//! no one will read, and a backlog of them does not push live decrypts past their deadline.
+//!
 //! Each item keeps its own failure: a bad ciphertext in a batch fails only itself (Vault answers
 //! 207 with per-item errors), and a batch Vault refuses whole with 400 (every item bad, or a server
 //! without partial answers) is retried one item at a time, so every caller gets exactly the answer
@@ -33,6 +38,12 @@ const MAX_BATCH: usize = 100;
 /// Transit decrypt calls running at once. More than one, so a slow answer does not hold back
 /// every decrypt behind it.
 const MAX_IN_FLIGHT: usize = 4;
+/// Most decrypts waiting for a call slot: ten full batches, two and a half rounds of the
+/// [`MAX_IN_FLIGHT`] slots. A healthy Vault clears that in a few batch round trips (2–3 ms each
+/// here); a queue longer than that only forms when Vault is too slow to clear it within the
+/// callers' deadlines, so more would just time out later, holding memory meanwhile. A decrypt
+/// beyond it fails at once with a retryable error (gRPC UNAVAILABLE) and the apiserver retries.
+pub const MAX_QUEUED: usize = 10 * MAX_BATCH;
 
 /// Decrypts waiting for a call, and how many calls are running.
 #[derive(Default)]
@@ -46,30 +57,87 @@ struct Waiting {
     reply: oneshot::Sender<Result<Arc<SecretSlice<u8>>>>,
 }
 
+impl Waiting {
+    /// Whether the caller stopped waiting (its future was dropped: timed out or cancelled).
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+}
+
+/// What a decrypt arriving at the queue does.
+enum Admission {
+    /// A call slot was free and nothing waits: call Vault directly (the slot is taken).
+    Direct(BatchItem),
+    /// Queued; `start_drain` if a slot was free (and taken) for a drain task.
+    Queued { start_drain: bool },
+    /// The queue is full of decrypts whose callers still wait: refused.
+    Full,
+}
+
+impl Queue {
+    fn admit(&mut self, item: BatchItem, reply: oneshot::Sender<Result<Arc<SecretSlice<u8>>>>) -> Admission {
+        let free = self.in_flight < MAX_IN_FLIGHT;
+        if free && self.waiting.is_empty() {
+            self.in_flight += 1;
+            return Admission::Direct(item);
+        }
+        if self.waiting.len() >= MAX_QUEUED {
+            // Abandoned decrypts hold no place: only live ones count against the bound.
+            self.waiting.retain(|w| !w.abandoned());
+            if self.waiting.len() >= MAX_QUEUED {
+                return Admission::Full;
+            }
+        }
+        self.waiting.push(Waiting { item, reply });
+        if free {
+            self.in_flight += 1;
+        }
+        Admission::Queued { start_drain: free }
+    }
+
+    /// The next batch (at most [`MAX_BATCH`]) of decrypts whose callers still wait, abandoned ones
+    /// dropped unsent; `None` once nothing is left, with the drain's call slot given back under the
+    /// same lock that saw the queue empty (a decrypt queued after that finds the slot free).
+    fn next_batch(&mut self) -> Option<Vec<Waiting>> {
+        let before = self.waiting.len();
+        self.waiting.retain(|w| !w.abandoned());
+        let dropped = before - self.waiting.len();
+        if dropped > 0 {
+            tracing::debug!(dropped, "vault: not sending decrypts whose callers gave up");
+        }
+        if self.waiting.is_empty() {
+            self.in_flight = self.in_flight.saturating_sub(1);
+            return None;
+        }
+        let take = self.waiting.len().min(MAX_BATCH);
+        Some(self.waiting.drain(..take).collect())
+    }
+}
+
 impl Inner {
     /// Decrypts one ciphertext: at once if a call slot is free and nothing is queued, else in a
     /// batch with whatever else is waiting.
     pub(super) async fn decrypt_batched(self: &Arc<Self>, item: BatchItem) -> Result<Arc<SecretSlice<u8>>> {
         let (reply, answer) = oneshot::channel();
-        let (direct, start_drain) = {
-            let mut queue = lock(&self.queue);
-            let free = queue.in_flight < MAX_IN_FLIGHT;
-            if free {
-                queue.in_flight += 1;
+        let admission = lock(&self.queue).admit(item, reply);
+        let start_drain = match admission {
+            Admission::Direct(item) => {
+                // No task, no channel. Decrypts that queue meanwhile are drained when the slot is
+                // given back, even if this caller is cancelled.
+                let _slot = Slot::taken(self.clone());
+                return self.decrypt_one(&item).await;
             }
-            if free && queue.waiting.is_empty() {
-                (Some(item), false)
-            } else {
-                queue.waiting.push(Waiting { item, reply });
-                (None, free)
+            Admission::Queued { start_drain } => start_drain,
+            Admission::Full => {
+                return Err(Error::Unavailable {
+                    backend: "vault",
+                    class: "overloaded",
+                    detail: format!(
+                        "{MAX_QUEUED} decrypts already wait for Vault; retry (Vault answers slower than they arrive)"
+                    ),
+                });
             }
         };
-        if let Some(item) = direct {
-            // No task, no channel. Decrypts that queue meanwhile are drained when the slot is given
-            // back, even if this caller is cancelled.
-            let _slot = Slot::taken(self.clone());
-            return self.decrypt_one(&item).await;
-        }
         if start_drain {
             // A task of its own: callers may be cancelled (the guard's timeout), the queue may not.
             let inner = self.clone();
@@ -84,17 +152,10 @@ impl Inner {
     async fn drain(self: Arc<Self>) {
         let mut slot = Slot::taken(self.clone());
         loop {
-            let batch: Vec<Waiting> = {
-                let mut queue = lock(&self.queue);
-                if queue.waiting.is_empty() {
-                    // Given back under the same lock that saw the queue empty: a decrypt queued
-                    // after this point finds the slot free and calls Vault itself.
-                    queue.in_flight = queue.in_flight.saturating_sub(1);
-                    slot.returned = true;
-                    return;
-                }
-                let take = queue.waiting.len().min(MAX_BATCH);
-                queue.waiting.drain(..take).collect()
+            let next = lock(&self.queue).next_batch();
+            let Some(batch) = next else {
+                slot.returned = true;
+                return;
             };
             self.answer(batch).await;
         }
@@ -123,9 +184,10 @@ impl Inner {
                     ))));
                 }
             }
-            // Every item failed, or the server predates partial answers: ask for each alone.
+            // Every item failed, or the server predates partial answers: ask for each alone (those
+            // whose callers still wait).
             Err(Error::BadCiphertext(_)) => {
-                for waiting in batch {
+                for waiting in batch.into_iter().filter(|w| !w.abandoned()) {
                     let result = self.decrypt_one(&waiting.item).await;
                     let _ = waiting.reply.send(result);
                 }
@@ -223,5 +285,87 @@ impl Drop for Slot {
             }
             _ => queue.in_flight = queue.in_flight.saturating_sub(1),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Answer = oneshot::Receiver<Result<Arc<SecretSlice<u8>>>>;
+
+    fn item(i: usize) -> BatchItem {
+        BatchItem {
+            ciphertext: format!("vault:v1:{i}"),
+            associated_data: String::new(),
+        }
+    }
+
+    fn admit(queue: &mut Queue, i: usize) -> (Admission, Answer) {
+        let (reply, answer) = oneshot::channel();
+        (queue.admit(item(i), reply), answer)
+    }
+
+    fn ciphertexts(batch: &[Waiting]) -> Vec<String> {
+        batch.iter().map(|w| w.item.ciphertext.clone()).collect()
+    }
+
+    #[test]
+    fn a_full_queue_refuses_a_decrypt_instead_of_growing() {
+        let mut queue = Queue::default();
+        let mut answers = Vec::new();
+        for i in 0..MAX_IN_FLIGHT {
+            let (admission, answer) = admit(&mut queue, i);
+            assert!(matches!(admission, Admission::Direct(_)), "slot {i}");
+            answers.push(answer);
+        }
+        for i in 0..MAX_QUEUED {
+            let (admission, answer) = admit(&mut queue, i);
+            assert!(
+                matches!(admission, Admission::Queued { start_drain: false }),
+                "item {i}"
+            );
+            answers.push(answer);
+        }
+        let (admission, _answer) = admit(&mut queue, MAX_QUEUED);
+        assert!(matches!(admission, Admission::Full));
+        assert_eq!(
+            queue.waiting.len(),
+            MAX_QUEUED,
+            "the refused decrypt was not queued"
+        );
+        // A caller that gives up frees its place.
+        drop(answers.pop());
+        let (admission, _answer) = admit(&mut queue, MAX_QUEUED + 1);
+        assert!(matches!(admission, Admission::Queued { .. }));
+        assert_eq!(queue.waiting.len(), MAX_QUEUED);
+    }
+
+    #[test]
+    fn decrypts_whose_callers_gave_up_are_not_sent() {
+        let mut queue = Queue {
+            in_flight: MAX_IN_FLIGHT,
+            ..Queue::default()
+        };
+        let mut waiting = Vec::new();
+        for i in 0..10 {
+            let (admission, answer) = admit(&mut queue, i);
+            assert!(matches!(admission, Admission::Queued { start_drain: false }));
+            // Callers of every item but 0, 3, 6, 9 give up (their answer is dropped).
+            if i % 3 == 0 {
+                waiting.push(answer);
+            }
+        }
+        let batch = queue.next_batch().expect("live decrypts wait");
+        assert_eq!(
+            ciphertexts(&batch),
+            ["vault:v1:0", "vault:v1:3", "vault:v1:6", "vault:v1:9"]
+        );
+        // Every caller gives up: nothing is sent and the drain's slot is given back.
+        let (_, gone) = admit(&mut queue, 10);
+        drop(gone);
+        assert!(queue.next_batch().is_none());
+        assert_eq!(queue.in_flight, MAX_IN_FLIGHT - 1);
+        drop(waiting);
     }
 }

@@ -78,6 +78,7 @@ impl Nodes {
         if args.vault_addr.is_empty() {
             return Err(Error::Config("--vault-addr is required".into()));
         }
+        refuse_plain_http(&args.vault_addr, args.vault_allow_plain_http)?;
         // Read before building: a change while building shows at the next check.
         let tls_files = tls_files_digest(args);
         let nodes = build_nodes(args, budget)?;
@@ -230,6 +231,50 @@ impl Nodes {
                 ),
             )
         }))
+    }
+}
+
+/// Refuses an `http://` address whose host is not loopback unless `--vault-allow-plain-http` says
+/// so (then warns, once, at start): the token, the login credentials and every seed and plaintext
+/// would cross the network unencrypted, readable and replayable by anyone on the path.
+fn refuse_plain_http(addrs: &[String], allowed: bool) -> Result<()> {
+    for addr in addrs {
+        let addr = addr.trim().trim_end_matches('/');
+        let url =
+            reqwest::Url::parse(addr).map_err(|e| Error::Config(format!("--vault-addr {addr:?}: {e}")))?;
+        if url.scheme() != "http" || is_loopback(&url) {
+            continue;
+        }
+        if !allowed {
+            return Err(Error::Config(format!(
+                "--vault-addr {addr:?}: plain http to a host that is not loopback would send the Vault \
+                 token, the login credentials and every seed across the network unencrypted; use \
+                 https (with --vault-ca-file for a private CA), or pass --vault-allow-plain-http if \
+                 the path is protected otherwise (a mesh with mTLS, a tunnel)"
+            )));
+        }
+        tracing::warn!(
+            addr = %addr,
+            "vault: PLAIN HTTP to a host that is not loopback (--vault-allow-plain-http): the token, \
+             credentials and every seed cross the network unencrypted"
+        );
+    }
+    Ok(())
+}
+
+/// 127.0.0.0/8, ::1 or `localhost`: traffic that never leaves the machine.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    // The URL parser has normalised the host already (`127.1` is `127.0.0.1`, IPv6 is bracketed).
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let ip = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
     }
 }
 
@@ -484,8 +529,10 @@ fn tls_config(args: &VaultArgs) -> Result<ClientConfig> {
                 .map_err(|e| config_file("--vault-client-cert", cert_path, e))?
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(|e| config_file("--vault-client-cert", cert_path, e))?;
-            // The key's parse error never quotes the key.
-            let key = PrivateKeyDer::from_pem_file(key_path)
+            // Refused if other users can read or change it (crate::credfile). The key's parse
+            // error never quotes the key.
+            let pem = crate::credfile::read(key_path, "--vault-client-key")?;
+            let key = PrivateKeyDer::from_pem_slice(&pem)
                 .map_err(|e| config_file("--vault-client-key", key_path, e))?;
             builder
                 .with_client_auth_cert(certs, key)
@@ -572,5 +619,62 @@ pub(super) fn clone_error(err: &Error) -> Error {
         Error::Config(detail) => Error::Config(detail.clone()),
         Error::Timeout(bound) => Error::Timeout(*bound),
         other => Error::Backend(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(addrs: &[&str], allowed: bool) -> Result<()> {
+        let addrs: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+        refuse_plain_http(&addrs, allowed)
+    }
+
+    #[test]
+    fn plain_http_to_a_host_that_is_not_loopback_is_refused_unless_allowed() {
+        for addr in [
+            "http://10.0.0.5:8200",
+            "http://vault.example:8200/",
+            "http://localhost.example:8200",
+            "http://127.0.0.1.nip.io:8200",
+            "http://[::ffff:127.0.0.1]:8200",
+            "http://[2001:db8::1]:8200",
+        ] {
+            let err = check(&[addr], false).unwrap_err();
+            assert!(matches!(err, Error::Config(_)), "{addr}: {err}");
+            let text = err.to_string();
+            assert!(
+                text.contains("--vault-allow-plain-http") && text.contains("unencrypted"),
+                "{text}"
+            );
+            check(&[addr], true).unwrap();
+        }
+    }
+
+    #[test]
+    fn loopback_and_https_addresses_need_no_flag() {
+        for addr in [
+            "http://127.0.0.1:8200",
+            "http://127.3.4.5:8200",
+            "http://127.1:8200",
+            "http://[::1]:8200",
+            "http://localhost:8200",
+            "http://LOCALHOST:8200/",
+            "https://10.0.0.5:8200",
+            "https://vault.example",
+        ] {
+            check(&[addr], false).unwrap_or_else(|e| panic!("{addr}: {e}"));
+        }
+    }
+
+    #[test]
+    fn every_address_is_checked() {
+        let err = check(
+            &["https://a.example", "http://127.0.0.1:8200", "http://b.example"],
+            false,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("b.example"), "{err}");
     }
 }

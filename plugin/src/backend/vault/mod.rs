@@ -14,7 +14,9 @@
 //!   token that could create keys through encrypt (transit's upsert) is warned about at start.
 //! - **Decrypt storms** (an apiserver filling its cache) are collapsed: concurrent decrypts of the
 //!   same ciphertext share one Vault call, and different ciphertexts that queue up while calls are
-//!   in flight go together as one transit `batch_input` call (`batch`).
+//!   in flight go together as one transit `batch_input` call (`batch`). That queue is bounded
+//!   ([`MAX_QUEUED_DECRYPTS`]; beyond it a decrypt fails at once, class `overloaded`) and never sends
+//!   a decrypt whose caller gave up.
 //!
 //! Talking to Vault (TLS, failover, error classes) lives in `client`, logging in and token renewal
 //! in `auth`, the raw transit endpoints in `api`, decrypt batching in `batch`.
@@ -25,6 +27,7 @@ mod batch;
 mod client;
 
 pub use self::auth::SERVICE_ACCOUNT_TOKEN;
+pub use self::batch::MAX_QUEUED as MAX_QUEUED_DECRYPTS;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
