@@ -168,16 +168,24 @@ pub struct ServeArgs {
     /// How long a successful health probe is trusted; a later probe is one key check.
     #[arg(long, env = "KLEIDI_HEALTH_OK_TTL", default_value = "45s", value_parser = humantime::parse_duration)]
     pub health_ok_ttl: Duration,
+    /// How long encrypt and decrypt, once seen working with the current key (by a probe or a real
+    /// call), go unchecked before a probe adds an encrypt + decrypt round trip.
+    #[arg(long, env = "KLEIDI_HEALTH_ROUNDTRIP_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub health_roundtrip_interval: Duration,
     /// How long a failed health probe is trusted before probing again.
     #[arg(long, env = "KLEIDI_HEALTH_ERR_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub health_err_ttl: Duration,
     /// On SIGTERM/SIGINT, how long in-flight calls may take to finish.
     #[arg(long, env = "KLEIDI_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
-    /// How long encrypt and decrypt, once seen working with the current key (by a probe or a real
-    /// call), go unchecked before a probe adds an encrypt + decrypt round trip.
-    #[arg(long, env = "KLEIDI_HEALTH_ROUNDTRIP_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
-    pub health_roundtrip_interval: Duration,
     pub shutdown_grace: Duration,
+    /// Connections served at once; a further one is closed as soon as it is accepted. An
+    /// apiserver keeps one per KMS provider; the rest is room for reconnects and probes.
+    #[arg(long, env = "KLEIDI_MAX_CONNECTIONS", default_value = "64", value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_connections: u16,
+    /// A connection that moves no byte for this long is sent a GOAWAY and closed (clients
+    /// reconnect on their next call); the apiserver polls Status at least once a minute.
+    #[arg(long, env = "KLEIDI_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_nonzero_duration)]
+    pub idle_timeout: Duration,
     /// Tokio runtime serving the socket: multi-thread (--worker-threads workers, default one per
     /// core) or current-thread (one thread; blocking backend calls still run on their own pool).
     #[arg(long, env = "KLEIDI_SERVE_RUNTIME", value_enum, default_value_t = RuntimeKind::MultiThread)]
@@ -210,6 +218,7 @@ impl ServeArgs {
     pub fn health_ttl(&self) -> HealthTtl {
         HealthTtl {
             ok: self.health_ok_ttl,
+            roundtrip: self.health_roundtrip_interval,
             err: self.health_err_ttl,
             // Each of the probe's three calls has its own call timeout; the probe as a whole may
             // take all three (Status answers from the earlier verdict meanwhile).
@@ -223,7 +232,6 @@ impl ServeArgs {
 #[derive(Debug, Args, Clone)]
 pub struct Pkcs11Args {
     /// The PKCS#11 module (shared library).
-            roundtrip: self.health_roundtrip_interval,
     #[arg(
         long,
         env = "KLEIDI_PKCS11_MODULE",
@@ -328,14 +336,6 @@ pub struct VaultArgs {
     /// Vault Enterprise / OpenBao namespace.
     #[arg(long, env = "KLEIDI_VAULT_NAMESPACE")]
     pub vault_namespace: Option<String>,
-}
-
-fn parse_mode(s: &str) -> Result<u32, String> {
-    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
-        .map_err(|e| format!("{s:?} is not an octal mode: {e}"))?;
-    if mode & !0o777 != 0 {
-        return Err(format!("{s:?}: only permission bits (0777) are allowed"));
-    }
     /// Accept an http:// --vault-addr whose host is not loopback (token, credentials and seeds then
     /// cross the network unencrypted): only where the path is protected otherwise.
     #[arg(long, env = "KLEIDI_VAULT_ALLOW_PLAIN_HTTP")]
@@ -347,6 +347,14 @@ fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
         Ok(d) if d.is_zero() => Err(format!("{s:?}: must be longer than zero")),
         Ok(d) => Ok(d),
         Err(e) => Err(format!("{s:?}: {e}")),
+    }
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|e| format!("{s:?} is not an octal mode: {e}"))?;
+    if mode & !0o777 != 0 {
+        return Err(format!("{s:?}: only permission bits (0777) are allowed"));
     }
     if mode & 0o007 != 0 {
         return Err(format!(
@@ -393,6 +401,25 @@ mod tests {
             s.pkcs11.pkcs11_pin_file.as_deref(),
             Some(std::path::Path::new("/p"))
         );
+    }
+
+    #[test]
+    fn connection_bounds_default_to_64_and_5m_and_refuse_zero() {
+        let serve = |extra: &[&str]| {
+            let mut args = vec!["kleidi", "serve", "--backend", "pkcs11"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).map(|cli| match cli.command {
+                Command::Serve(s) => (s.max_connections, s.idle_timeout),
+                _ => panic!("not serve"),
+            })
+        };
+        assert_eq!(serve(&[]).unwrap(), (64, Duration::from_secs(300)));
+        assert_eq!(
+            serve(&["--max-connections", "2", "--idle-timeout", "1500ms"]).unwrap(),
+            (2, Duration::from_millis(1500))
+        );
+        assert!(serve(&["--max-connections", "0"]).is_err());
+        assert!(serve(&["--idle-timeout", "0s"]).is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use kleidi::grpc::{KmsV1, KmsV2};
 use kleidi::guard::Guarded;
 use kleidi::health::Healthy;
 use kleidi::proto::{v1beta1, v2};
-use kleidi::server::Listener;
+use kleidi::server::{ConnLimits, Listener};
 use kleidi::{KeyService, backend};
 
 /// Largest request accepted on the wire: a 1 KiB ciphertext plus 32 KiB of annotations, with room.
@@ -71,7 +71,10 @@ async fn serve(args: ServeArgs) -> kleidi::Result<()> {
     .max_decoding_message_size(MAX_MESSAGE);
     let v1 = v1beta1::key_management_service_server::KeyManagementServiceServer::new(KmsV1::new(svc.clone()))
         .max_decoding_message_size(MAX_MESSAGE);
-    let listener = Listener::bind(&args.listen, args.socket_mode)?;
+    let listener = Listener::bind(&args.listen, args.socket_mode)?.with_limits(ConnLimits {
+        max_connections: usize::from(args.max_connections),
+        idle_timeout: args.idle_timeout,
+    });
     // Probe once before the first poll, so the log says at startup whether the backend works.
     let health = svc.health().await;
     tracing::info!(healthz = %health.healthz, key_id = %health.key_id, "initial health");

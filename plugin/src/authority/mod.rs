@@ -24,6 +24,13 @@
 //! all it produced. Any framing or HPACK violation fails the read with `InvalidData`, which ends
 //! the connection. A connection that does not start with the HTTP/2 client preface is passed
 //! through unchanged (h2 rejects it itself).
+//!
+//! The layer also closes idle connections ([`AuthorityFix::with_idle_timeout`]), since it sees
+//! every byte and hyper has no idle timeout: once no byte has moved either way for the timeout,
+//! it hands h2 a GOAWAY as if the client had sent one, at a frame boundary. h2 answers that as
+//! it does any peer leaving: its own GOAWAY(NO_ERROR) naming the last stream it processed, then,
+//! once no stream is open, a clean close. A client that stays silent for another timeout after
+//! that, or that stalls mid-frame or stops reading, is cut off.
 
 mod hpack;
 
@@ -35,7 +42,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use hpack::Table;
 
@@ -58,6 +65,9 @@ const MAX_EMITTED_PAYLOAD: usize = 16_384;
 pub const HEADER_BLOCK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Socket reads that need parsing are made in pieces of this size.
 const READ_CHUNK: usize = 8 * 1024;
+/// What an idle connection's client is made to have said: GOAWAY (type 0x7) on stream 0, last
+/// stream 0 (the client accepts no pushed streams, which h2 never sends anyway), NO_ERROR.
+const IDLE_GOAWAY: [u8; FRAME_HEADER_LEN + 8] = [0, 0, 8, 0x7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
 /// A connection wrapper that makes client requests with an unparsable HTTP/2 `:authority` (a
 /// socket path, a %-encoded path) acceptable to h2 by replacing that value.
@@ -70,8 +80,11 @@ pub struct AuthorityFix<S> {
     scratch: Vec<u8>,
     /// Runs while a header block is open; the connection fails when it fires.
     block_deadline: Option<Pin<Box<Sleep>>>,
-    /// Set once the client broke the protocol; every later read fails the same way.
-    failed: Option<String>,
+    /// The idle timeout, if one is set.
+    idle: Option<Idle>,
+    /// Set once the connection is to end (the client broke the protocol, or idled past its
+    /// GOAWAY); every later read fails the same way.
+    failed: Option<(io::ErrorKind, String)>,
 }
 
 impl<S> AuthorityFix<S> {
@@ -83,7 +96,17 @@ impl<S> AuthorityFix<S> {
             out: BytesMut::new(),
             scratch: Vec::new(),
             block_deadline: None,
+            idle: None,
             failed: None,
+        }
+    }
+
+    /// As [`AuthorityFix::new`], and closes the connection once no byte has moved either way for
+    /// `timeout`: gracefully (a GOAWAY h2 answers) when it is between frames, at once otherwise.
+    pub fn with_idle_timeout(inner: S, timeout: Duration) -> Self {
+        Self {
+            idle: Some(Idle::new(timeout)),
+            ..Self::new(inner)
         }
     }
 
@@ -119,8 +142,84 @@ impl<S> AuthorityFix<S> {
     fn fail(&mut self, message: String) -> io::Error {
         tracing::warn!(error = %message, "closing client connection: malformed HTTP/2");
         let err = invalid_data(&message);
-        self.failed = Some(message);
+        self.failed = Some((io::ErrorKind::InvalidData, message));
         err
+    }
+
+    /// Called when a socket read or write is pending. Ready once the idle timeout has fired and
+    /// been acted on: either the GOAWAY waits in `out` for h2, or the connection has failed.
+    fn poll_idle(&mut self, cx: &mut Context<'_>, reading: bool) -> Poll<()> {
+        let Some(idle) = &mut self.idle else {
+            return Poll::Pending;
+        };
+        ready!(idle.poll_expired(cx));
+        let timeout = humantime::format_duration(idle.timeout);
+        // Only between frames, after the client's SETTINGS, with nothing pending for h2: there a
+        // frame of the client's own could have come, and h2 takes it as one.
+        if reading && !idle.goaway_sent && self.out.is_empty() && self.parser.between_frames() {
+            tracing::debug!(%timeout, "idle connection: asking the client to go away");
+            idle.goaway_sent = true;
+            idle.touch();
+            self.out.extend_from_slice(&IDLE_GOAWAY);
+            return Poll::Ready(());
+        }
+        let why = if idle.goaway_sent {
+            "still open a timeout after its GOAWAY"
+        } else if reading {
+            "stalled mid-frame or before its SETTINGS"
+        } else {
+            "not reading what it is sent"
+        };
+        tracing::info!(%timeout, "closing idle client connection: {why}");
+        self.failed = Some((io::ErrorKind::TimedOut, format!("idle for {timeout}: {why}")));
+        Poll::Ready(())
+    }
+
+    fn touch(&mut self) {
+        if let Some(idle) = &mut self.idle {
+            idle.touch();
+        }
+    }
+}
+
+/// The idle timeout: when a byte last moved, and a timer re-armed only when it fires, so that a
+/// byte costs a clock read rather than a timer update.
+struct Idle {
+    timeout: Duration,
+    last: Instant,
+    timer: Pin<Box<Sleep>>,
+    /// The GOAWAY went to h2; the next expiry ends the connection outright.
+    goaway_sent: bool,
+}
+
+impl Idle {
+    fn new(timeout: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            timeout,
+            last: now,
+            timer: Box::pin(tokio::time::sleep(timeout)),
+            goaway_sent: false,
+        }
+    }
+
+    fn touch(&mut self) {
+        self.last = Instant::now();
+    }
+
+    /// Ready once no byte has moved for the timeout.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            ready!(self.timer.as_mut().poll(cx));
+            // A timeout too large to add to the clock never expires.
+            let Some(due) = self.last.checked_add(self.timeout) else {
+                return Poll::Pending;
+            };
+            if due <= Instant::now() {
+                return Poll::Ready(());
+            }
+            self.timer.as_mut().reset(due);
+        }
     }
 }
 
@@ -128,8 +227,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            if let Some(message) = &this.failed {
-                return Poll::Ready(Err(invalid_data(message)));
+            if let Some((kind, message)) = &this.failed {
+                return Poll::Ready(Err(io::Error::new(*kind, message.clone())));
             }
             // Everything produced goes to h2 before the socket is read again: what the layer
             // holds stays bounded by one read and one header block, whatever the client sends.
@@ -146,8 +245,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                 // Bytes that pass untouched (a DATA payload, say) go straight into h2's buffer.
                 let dst = buf.initialize_unfilled_to(limit.min(buf.remaining()));
                 let mut direct = ReadBuf::new(dst);
-                ready!(Pin::new(&mut this.inner).poll_read(cx, &mut direct))?;
+                let polled = Pin::new(&mut this.inner).poll_read(cx, &mut direct);
                 let n = direct.filled().len();
+                if polled.is_pending() {
+                    ready!(this.poll_idle(cx, true));
+                    continue;
+                }
+                ready!(polled)?;
+                this.touch();
                 buf.advance(n);
                 this.parser.passed_through(n);
                 return Poll::Ready(Ok(()));
@@ -159,8 +264,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                 this.scratch = vec![0; READ_CHUNK];
             }
             let mut chunk = ReadBuf::new(&mut this.scratch);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut chunk))?;
+            let polled = Pin::new(&mut this.inner).poll_read(cx, &mut chunk);
             let n = chunk.filled().len();
+            if polled.is_pending() {
+                ready!(this.poll_idle(cx, true));
+                continue;
+            }
+            ready!(polled)?;
+            this.touch();
             if n == 0 {
                 // End of stream: a half-received frame is dropped, h2 sees the connection end.
                 return Poll::Ready(Ok(()));
@@ -175,9 +286,32 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
     }
 }
 
+impl<S: AsyncWrite + Unpin> AuthorityFix<S> {
+    /// A write's outcome, counted as activity; a write blocked past the idle timeout fails.
+    fn written(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        match polled {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.touch();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                ready!(self.poll_idle(cx, false));
+                // A write never sends the GOAWAY: `poll_idle` has failed the connection.
+                let message = self.failed.as_ref().map_or("idle", |(_, m)| m.as_str());
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, message.to_owned())))
+            }
+        }
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.written(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -185,7 +319,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.written(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -275,6 +411,8 @@ struct Parser {
     block: Option<PendingBlock>,
     /// Payload of the HEADERS/CONTINUATION frame being collected.
     frame_payload: Vec<u8>,
+    /// A frame header has come after the preface.
+    frames_seen: bool,
 }
 
 impl Parser {
@@ -284,7 +422,14 @@ impl Parser {
             table: Table::new(),
             block: None,
             frame_payload: Vec::new(),
+            frames_seen: false,
         }
+    }
+
+    /// Whether the next client byte would start a frame, and the client's first frame (its
+    /// SETTINGS, which must come before any other) has been seen.
+    fn between_frames(&self) -> bool {
+        self.frames_seen && self.block.is_none() && matches!(self.state, State::FrameHeader { have: 0, .. })
     }
 
     /// The stream of the header block in progress, if one is.
@@ -375,6 +520,7 @@ impl Parser {
     /// A complete frame header arrived: pass the frame on or start collecting a header frame.
     fn start_frame(&mut self, raw: [u8; FRAME_HEADER_LEN], out: &mut BytesMut) -> Result<(), String> {
         let header = FrameHeader::parse(raw);
+        self.frames_seen = true;
         let (kind, stream, len) = (header.kind, header.stream, header.len);
         let too_large = || format!("header block on stream {stream} exceeds {MAX_HEADER_BLOCK} bytes");
         // RFC 9113 §6.10: a header block is contiguous, nothing may come between its frames.
@@ -1352,6 +1498,197 @@ mod tests {
         assert!(err.to_string().contains("decodes to more than"), "{err}");
         // At most the preface and the first block, nothing of what followed.
         assert!(handed <= 24 + 9 + 4009, "{handed}");
+    }
+
+    const IDLE: Duration = Duration::from_secs(60);
+    const TYPE_GOAWAY: u8 = 0x7;
+
+    /// What a reader of `fix` got, and when: bytes, then the error that ended it.
+    type Timeline = (
+        Vec<(tokio::time::Instant, Vec<u8>)>,
+        tokio::time::Instant,
+        io::Error,
+    );
+
+    async fn read_until_error(mut reader: impl AsyncRead + Unpin) -> Timeline {
+        let mut got = Vec::new();
+        let mut piece = [0u8; 4096];
+        let read_all = async {
+            loop {
+                match reader.read(&mut piece).await {
+                    Ok(0) => panic!("end of stream instead of an error"),
+                    Ok(n) => got.push((tokio::time::Instant::now(), piece[..n].to_vec())),
+                    Err(e) => return (tokio::time::Instant::now(), e),
+                }
+            }
+        };
+        // On the paused clock: fails at once, rather than hangs, if the connection never ends.
+        let (at, err) = tokio::time::timeout(100 * IDLE, read_all)
+            .await
+            .expect("the connection ends");
+        (got, at, err)
+    }
+
+    /// Reads and writes each keep a connection open; once neither happens for the timeout the
+    /// client is handed a GOAWAY, and after another timeout of silence the connection ends.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_asked_to_go_away_then_cut_off() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let (reader, mut writer) = tokio::io::split(AuthorityFix::with_idle_timeout(server, IDLE));
+        let reading = tokio::spawn(read_until_error(reader));
+        let hello = connection(&[frame(TYPE_SETTINGS, 0, 0, &[])]);
+        client.write_all(&hello).await.unwrap();
+        let ping = frame(TYPE_PING, 0, 0, &[7; 8]);
+        for _ in 0..6 {
+            tokio::time::sleep(IDLE / 2).await;
+            client.write_all(&ping).await.unwrap();
+        }
+        let pong = frame(TYPE_PING, 0x1, 0, &[7; 8]);
+        for _ in 0..6 {
+            tokio::time::sleep(IDLE / 2).await;
+            writer.write_all(&pong).await.unwrap();
+        }
+        let quiet_from = tokio::time::Instant::now();
+        let (got, failed_at, err) = reading.await.unwrap();
+
+        let mut expected = hello.clone();
+        for _ in 0..6 {
+            expected.extend_from_slice(&ping);
+        }
+        expected.extend_from_slice(&IDLE_GOAWAY);
+        assert_eq!(
+            got.concat_bytes(),
+            expected,
+            "nothing but the client's bytes, then the GOAWAY"
+        );
+        let (goaway_at, last) = got.last().unwrap();
+        assert_eq!(last.as_slice(), &IDLE_GOAWAY[..]);
+        assert!(
+            *goaway_at >= quiet_from + IDLE,
+            "GOAWAY while the connection was busy"
+        );
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(err.to_string().contains("after its GOAWAY"), "{err}");
+        assert!(failed_at >= *goaway_at + IDLE);
+
+        let mut out = vec![0u8; 6 * pong.len()];
+        client.read_exact(&mut out).await.unwrap();
+        assert_eq!(out, pong.repeat(6), "writes pass untouched");
+    }
+
+    trait ConcatBytes {
+        fn concat_bytes(&self) -> Vec<u8>;
+    }
+
+    impl ConcatBytes for Vec<(tokio::time::Instant, Vec<u8>)> {
+        fn concat_bytes(&self) -> Vec<u8> {
+            self.iter().flat_map(|(_, b)| b.iter().copied()).collect()
+        }
+    }
+
+    /// A GOAWAY is only handed over where a client frame could start, after the client's
+    /// SETTINGS: anywhere else it would corrupt the stream, so the connection just ends.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_stalled_mid_frame_or_before_settings_is_cut_off() {
+        let settings = frame(TYPE_SETTINGS, 0, 0, &[]);
+        let mut mid_header = connection(std::slice::from_ref(&settings));
+        mid_header.extend_from_slice(&[0, 0, 8, TYPE_PING]);
+        let mut mid_payload = connection(std::slice::from_ref(&settings));
+        mid_payload.extend_from_slice(&frame(TYPE_PING, 0, 0, &[1; 8])[..12]);
+        let mut mid_block = connection(&[settings]);
+        mid_block.extend(frame(TYPE_HEADERS, 0, 1, &[0x83]));
+        for (name, input) in [
+            ("mid-preface", PREFACE[..10].to_vec()),
+            ("preface only", PREFACE.to_vec()),
+            ("mid-header", mid_header),
+            ("mid-payload", mid_payload),
+            ("mid-block", mid_block),
+        ] {
+            let (mut client, server) = tokio::io::duplex(1 << 16);
+            let fix = AuthorityFix::with_idle_timeout(server, IDLE);
+            client.write_all(&input).await.unwrap();
+            let (got, _, err) = read_until_error(fix).await;
+            let got = got.concat_bytes();
+            assert!(!got.ends_with(&IDLE_GOAWAY), "{name}: GOAWAY handed over");
+            assert!(input.starts_with(&got), "{name}");
+            // The open header block has its own, shorter deadline.
+            let expected = if name == "mid-block" {
+                "still open"
+            } else {
+                "idle for 1m"
+            };
+            assert!(err.to_string().contains(expected), "{name}: {err}");
+        }
+    }
+
+    /// A client that stops reading what it is sent cannot hold the connection either.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_blocked_for_the_idle_timeout_fails() {
+        let (client, server) = tokio::io::duplex(64);
+        let mut fix = AuthorityFix::with_idle_timeout(server, IDLE);
+        let started = tokio::time::Instant::now();
+        let written = tokio::time::timeout(100 * IDLE, fix.write_all(&[0; 4096]))
+            .await
+            .expect("the write ends");
+        let err = written.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(err.to_string().contains("not reading"), "{err}");
+        assert!(started.elapsed() >= IDLE);
+        let read = fix.read(&mut [0u8; 16]).await.unwrap_err();
+        assert_eq!(read.kind(), io::ErrorKind::TimedOut, "reads fail the same way");
+        drop(client);
+    }
+
+    /// h2 takes the handed-over GOAWAY as the client leaving: it answers with its own GOAWAY
+    /// naming the last stream it served, and ends the connection without an error.
+    #[tokio::test(start_paused = true)]
+    async fn h2_answers_the_idle_goaway_with_its_own_and_closes_cleanly() {
+        let (mut client, server_io) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(AuthorityFix::with_idle_timeout(server_io, IDLE))
+                .await
+                .unwrap();
+            let mut served = 0;
+            while let Some(request) = conn.accept().await {
+                let (_, mut respond) = request.unwrap();
+                respond
+                    .send_response(tonic::codegen::http::Response::new(()), true)
+                    .unwrap();
+                served += 1;
+            }
+            served
+        });
+        let block = encode(&mut Encoder::new(), &grpc_request("localhost"));
+        let input = connection(&[frame(TYPE_SETTINGS, 0, 0, &[]), headers_frame(1, &block)]);
+        client.write_all(&input).await.unwrap();
+        let mut frames = Vec::new();
+        let read_all = async {
+            loop {
+                let mut header = [0u8; 9];
+                if client.read_exact(&mut header).await.is_err() {
+                    break; // end of stream
+                }
+                let len = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+                let mut payload = vec![0; len];
+                client.read_exact(&mut payload).await.unwrap();
+                frames.push((header[3], payload));
+            }
+        };
+        tokio::time::timeout(10 * IDLE, read_all)
+            .await
+            .expect("the connection ends");
+        assert!(
+            frames.iter().any(|(kind, _)| *kind == TYPE_HEADERS),
+            "the request was served"
+        );
+        let (kind, payload) = frames.last().unwrap();
+        assert_eq!(*kind, TYPE_GOAWAY);
+        assert_eq!(
+            payload.as_slice(),
+            &[0, 0, 0, 1, 0, 0, 0, 0],
+            "last stream 1, NO_ERROR"
+        );
+        assert_eq!(server.await.unwrap(), 1);
     }
 
     #[tokio::test]
