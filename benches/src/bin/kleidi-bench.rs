@@ -26,7 +26,8 @@ struct Cli {
     /// 10x fewer calls: a smoke run.
     #[arg(long)]
     quick: bool,
-    /// Backends to measure.
+    /// Backends to measure: pkcs11, vault, tpm (two swtpm processes; not a default, as 64 callers
+    /// on a swtpm exceed kleidi's call timeout now and then: benches/README.md).
     #[arg(long, value_delimiter = ',', default_value = "pkcs11,vault")]
     backends: Vec<String>,
     /// Where crossproc.json and crossproc.md go.

@@ -2,7 +2,6 @@
 //! ≥ 1.32 sends), fixed-count call loops, and their latency histograms.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -206,24 +205,24 @@ impl Conc {
     }
 }
 
-/// `callers` tasks, each making `total / callers` Decrypts over clones of one channel (one HTTP/2
-/// connection, as kube-apiserver holds one). Run on a multi-thread runtime.
-pub async fn concurrent_decrypt(
-    client: &KmsClient,
-    wrapped: &EncryptResponse,
-    callers: u64,
-    total: u64,
-) -> Conc {
-    let wrapped = Arc::new(wrapped.clone());
+/// `callers` tasks, each making `total / callers` Decrypts of a ciphertext of its own over clones of
+/// one channel (one HTTP/2 connection, as kube-apiserver holds one). Distinct ciphertexts, so a
+/// plugin that collapses identical concurrent Decrypts gains nothing the raw side lacks. Run on a
+/// multi-thread runtime.
+pub async fn concurrent_decrypt(client: &KmsClient, callers: u64, total: u64) -> anyhow::Result<Conc> {
     let each = (total / callers).max(1);
+    let mut wrapped = Vec::with_capacity(callers as usize);
+    for _ in 0..callers {
+        wrapped.push(wrap(&mut client.clone()).await?);
+    }
     let start = Instant::now();
-    let tasks: Vec<_> = (0..callers)
-        .map(|_| {
+    let tasks: Vec<_> = wrapped
+        .into_iter()
+        .map(|wrapped| {
             let mut client = client.clone();
-            let wrapped = wrapped.clone();
             tokio::spawn(async move { sequential(&mut client, Method::Decrypt, &wrapped, each).await })
         })
         .collect();
     let hist = Hist::gather(tasks, each).await;
-    Conc::new(callers, &hist, start.elapsed())
+    Ok(Conc::new(callers, &hist, start.elapsed()))
 }

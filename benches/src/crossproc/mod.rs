@@ -1,6 +1,7 @@
 //! `kleidi-bench`: `kleidi serve` measured from another process over its Unix socket, the way
 //! kube-apiserver calls it, beside a trivial KMS v2 server (gRPC alone), the raw backend in-process
-//! and, when given, a peer plugin on the same OpenBao. Every loop has a fixed count.
+//! and, when given, a peer plugin on the same OpenBao. Every loop has a fixed count. Backends:
+//! SoftHSM (PKCS#11), OpenBao (transit) and swtpm (TPM 2.0; two of them, see `tpm_setup`).
 //!
 //! Runtimes of this (client) process: sequential latency loops run on a current-thread runtime (no
 //! cross-thread wake-ups of our own in the figures); concurrent callers run on a 2-worker
@@ -20,13 +21,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
+use kleidi::backend::tpm::TpmConfig;
+use kleidi_harness::runtime::Swtpm;
 use serde::Serialize;
 use tokio::runtime::Runtime;
 
 use crate::OpenBao;
 use measure::{Conc, Hist, KmsClient, Lat, Method, concurrent_decrypt, connect, sequential, wrap};
 use procs::Server;
-use raw::{RawHsm, RawVault};
+use raw::{RawHsm, RawTpm, RawVault};
 
 /// The SoftHSM module.
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -35,6 +38,8 @@ const KEK: &str = "kek";
 const PIN: &str = "bench-pin-1";
 /// Concurrency levels measured.
 pub const CALLERS: [u64; 3] = [1, 16, 64];
+/// The TPM makes this many times fewer calls per loop: each of its commands takes milliseconds.
+pub const TPM_DIVISOR: u64 = 10;
 
 /// What to run.
 pub struct Config {
@@ -48,7 +53,7 @@ pub struct Config {
     pub n: u64,
     /// Calls per concurrent run (split among the callers).
     pub conc_total: u64,
-    /// Backends: "pkcs11", "vault".
+    /// Backends: "pkcs11", "vault", "tpm".
     pub backends: Vec<String>,
     /// Scratch directory (sockets, token, logs); also where SOFTHSM2_CONF points.
     pub work: PathBuf,
@@ -57,7 +62,7 @@ pub struct Config {
 /// One backend and method, every path.
 #[derive(Clone, Debug, Serialize)]
 pub struct LatRow {
-    /// pkcs11 | vault.
+    /// pkcs11 | vault | tpm.
     pub backend: String,
     /// Encrypt | Decrypt | Status.
     pub method: String,
@@ -80,7 +85,7 @@ pub struct LatRow {
 /// One backend at one concurrency.
 #[derive(Clone, Debug, Serialize)]
 pub struct ConcRow {
-    /// pkcs11 | vault.
+    /// pkcs11 | vault | tpm.
     pub backend: String,
     /// Through `kleidi serve`.
     pub kleidi: Conc,
@@ -93,7 +98,7 @@ pub struct ConcRow {
 /// One server runtime choice.
 #[derive(Clone, Debug, Serialize)]
 pub struct RuntimeRow {
-    /// pkcs11 | vault.
+    /// pkcs11 | vault | tpm.
     pub backend: String,
     /// `--runtime …` as passed.
     pub runtime: String,
@@ -106,7 +111,7 @@ pub struct RuntimeRow {
 /// RSS of one `kleidi serve`.
 #[derive(Clone, Debug, Serialize)]
 pub struct MemRow {
-    /// pkcs11 | vault.
+    /// pkcs11 | vault | tpm.
     pub backend: String,
     /// After start and its first health probe.
     pub idle_kib: u64,
@@ -161,6 +166,8 @@ impl Rts {
 /// How the raw side of a backend is reached.
 enum RawSide {
     Hsm(RawHsm),
+    /// kleidi's TPM device layer on one connection to its own swtpm.
+    Tpm(Box<RawTpm>),
     /// Two clients: a reqwest pool's connections are driven by the runtime that opened them, so
     /// each of our runtimes gets its own (one shared pool hangs once the other runtime is idle).
     Vault {
@@ -176,6 +183,10 @@ struct Backend {
     raw: RawSide,
     /// OpenBao's file audit log, to count transit requests.
     audit: Option<PathBuf>,
+    /// Calls per latency loop.
+    n: u64,
+    /// Calls per concurrent run.
+    conc_total: u64,
 }
 
 /// Runs everything in `cfg`.
@@ -186,9 +197,11 @@ pub fn run(cfg: &Config) -> anyhow::Result<Report> {
         meta: serde_json::json!({
             "n": cfg.n,
             "conc_total": cfg.conc_total,
+            "tpm_n": cfg.n / TPM_DIVISOR,
+            "tpm_conc_total": cfg.conc_total / TPM_DIVISOR,
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "client": "latency: current-thread runtime; concurrency: 2-worker runtime, one task per caller, one shared channel",
-            "tpm": "not measured (left out of this tool for now)",
+            "tpm": if cfg.backends.iter().any(|b| b == "tpm") { TPM_NOTE } else { "not measured (not in --backends)" },
         }),
         peer: "peer: not measured (no --peer-bin)".into(),
         ..Report::default()
@@ -241,10 +254,20 @@ pub fn run(cfg: &Config) -> anyhow::Result<Report> {
                         conc: Arc::new(RawVault::new(bao.raw_client()?, crate::KEY)),
                     },
                     audit: Some(audit),
+                    n: cfg.n,
+                    conc_total: cfg.conc_total,
                 };
                 bench_backend(cfg, &rts, &backend, &trivial, Some(&bao), &mut report)?;
             }
-            other => anyhow::bail!("unknown backend {other:?} (pkcs11, vault)"),
+            "tpm" => {
+                let (backend, tpms) = tpm_setup(cfg, &rts)?;
+                let result = bench_backend(cfg, &rts, &backend, &trivial, None, &mut report);
+                // The raw connection flushes its objects on drop: before its swtpm goes.
+                drop(backend);
+                drop(tpms);
+                result?;
+            }
+            other => anyhow::bail!("unknown backend {other:?} (pkcs11, vault, tpm)"),
         }
     }
     report.errors = report
@@ -276,8 +299,8 @@ pub fn run(cfg: &Config) -> anyhow::Result<Report> {
 fn pkcs11_setup(cfg: &Config) -> anyhow::Result<Backend> {
     let pin = cfg.work.join("pin");
     let so_pin = cfg.work.join("so-pin");
-    std::fs::write(&pin, PIN)?;
-    std::fs::write(&so_pin, "bench-so-pin")?;
+    kleidi_harness::runtime::write_private(&pin, PIN)?;
+    kleidi_harness::runtime::write_private(&so_pin, "bench-so-pin")?;
     let out = Command::new(&cfg.kleidi)
         .args(["pkcs11", "init", "--pkcs11-module", SOFTHSM_MODULE])
         .args(["--pkcs11-token-label", TOKEN, "--pkcs11-key-label", KEK])
@@ -310,7 +333,47 @@ fn pkcs11_setup(cfg: &Config) -> anyhow::Result<Backend> {
         serve_args,
         raw: RawSide::Hsm(RawHsm::open(SOFTHSM_MODULE, TOKEN, KEK, PIN)?),
         audit: None,
+        n: cfg.n,
+        conc_total: cfg.conc_total,
     })
+}
+
+/// What the report says about the TPM rows.
+const TPM_NOTE: &str = "swtpm, two local processes (kleidi-harness Swtpm), each given a KEK by `kleidi tpm init`; \
+`kleidi serve --backend tpm` on one, the raw side on the other (a swtpm holds 3 loaded objects: one client's \
+primary and KEK leave room for one sealed seed, and a client flushes stale objects when it connects). \
+Raw = kleidi's device layer in this process: Encrypt = TPM2_Create (seal), Decrypt = TPM2_Load + \
+TPM2_Unseal, in a salted HMAC session with parameter encryption. Its concurrent callers share that one \
+connection (ESAPI context) behind a mutex: swtpm executes one command at a time and serves one TCP \
+connection at a time, so this is the raw ceiling. 10x fewer calls per loop than the other backends.";
+
+/// Two swtpm processes started by the harness, each with a KEK made by `kleidi tpm init` (as a
+/// user would): `kleidi serve` gets the first, the raw side a connection to the second. One swtpm
+/// would not do: without a resource manager it holds 3 loaded objects (two clients' primaries and
+/// KEKs are 4), and a client flushes the stale objects and sessions it finds when it connects.
+fn tpm_setup(cfg: &Config, rts: &Rts) -> anyhow::Result<(Backend, [Swtpm; 2])> {
+    let (served, raw) = rts.seq.block_on(async {
+        let served = Swtpm::start().await?;
+        served.init_key(&cfg.kleidi).await?;
+        let raw = Swtpm::start().await?;
+        raw.init_key(&cfg.kleidi).await?;
+        anyhow::Ok((served, raw))
+    })?;
+    let raw_side = RawTpm::open(&TpmConfig {
+        tcti: raw.tcti(),
+        state_dir: raw.kleidi_state_dir(),
+        owner_auth_file: None,
+    })
+    .context("raw TPM connection")?;
+    let backend = Backend {
+        name: "tpm",
+        serve_args: served.kleidi_flags().into_iter().map(OsString::from).collect(),
+        raw: RawSide::Tpm(Box::new(raw_side)),
+        audit: None,
+        n: cfg.n / TPM_DIVISOR,
+        conc_total: cfg.conc_total / TPM_DIVISOR,
+    };
+    Ok((backend, [served, raw]))
 }
 
 fn start_kleidi(cfg: &Config, rts: &Rts, b: &Backend, extra: &[&str], tag: &str) -> anyhow::Result<Server> {
@@ -369,9 +432,8 @@ fn seq_loop(
 
 fn conc_loop(rts: &Rts, socket: &Path, callers: u64, total: u64) -> anyhow::Result<Conc> {
     rts.conc.block_on(async {
-        let mut client: KmsClient = connect(socket).await?;
-        let wrapped = wrap(&mut client).await?;
-        Ok(concurrent_decrypt(&client, &wrapped, callers, total).await)
+        let client: KmsClient = connect(socket).await?;
+        concurrent_decrypt(&client, callers, total).await
     })
 }
 
@@ -381,6 +443,7 @@ fn raw_seq(rts: &Rts, raw: &RawSide, method: Method, n: u64) -> anyhow::Result<O
     }
     let hist: Hist = match raw {
         RawSide::Hsm(hsm) => hsm.session()?.sequential(method, n)?,
+        RawSide::Tpm(tpm) => tpm.sequential(method, n)?,
         RawSide::Vault { seq, .. } => rts.seq.block_on(seq.sequential(method, n))?,
     };
     Ok(Some(hist.lat()))
@@ -389,6 +452,7 @@ fn raw_seq(rts: &Rts, raw: &RawSide, method: Method, n: u64) -> anyhow::Result<O
 fn raw_conc(rts: &Rts, raw: &RawSide, callers: u64, total: u64) -> anyhow::Result<Conc> {
     match raw {
         RawSide::Hsm(hsm) => hsm.concurrent_decrypt(callers, total),
+        RawSide::Tpm(tpm) => tpm.concurrent_decrypt(callers, total),
         RawSide::Vault { conc, .. } => rts.conc.block_on(conc.concurrent_decrypt(callers, total)),
     }
 }
@@ -410,7 +474,7 @@ fn bench_backend(
     let mut after_kib = Vec::new();
     let mut memory_errors = 0;
     for _ in 0..3 {
-        let run = conc_loop(rts, &kleidi.socket, 64, cfg.conc_total)?;
+        let run = conc_loop(rts, &kleidi.socket, 64, b.conc_total)?;
         memory_errors += run.lat.errors;
         after_kib.push(kleidi.rss_kib()?);
     }
@@ -446,12 +510,12 @@ fn bench_backend(
 
     // Point 2: latency per method and path.
     for method in Method::ALL {
-        let (k, k_req) = seq_loop(rts, &kleidi.socket, method, cfg.n, audit)?;
-        let (t, _) = seq_loop(rts, &trivial.socket, method, cfg.n, None)?;
-        let r = raw_seq(rts, &b.raw, method, cfg.n)?;
+        let (k, k_req) = seq_loop(rts, &kleidi.socket, method, b.n, audit)?;
+        let (t, _) = seq_loop(rts, &trivial.socket, method, b.n, None)?;
+        let r = raw_seq(rts, &b.raw, method, b.n)?;
         let (p, p_req) = match &peer {
             Some(peer) => {
-                let (l, req) = seq_loop(rts, &peer.socket, method, cfg.n, audit)?;
+                let (l, req) = seq_loop(rts, &peer.socket, method, b.n, audit)?;
                 (Some(l), req)
             }
             None => (None, None),
@@ -473,8 +537,8 @@ fn bench_backend(
 
     // Point 3: concurrent Decrypt, kleidi vs the raw ceiling with as many callers.
     for callers in CALLERS {
-        let k = conc_loop(rts, &kleidi.socket, callers, cfg.conc_total)?;
-        let r = raw_conc(rts, &b.raw, callers, cfg.conc_total)?;
+        let k = conc_loop(rts, &kleidi.socket, callers, b.conc_total)?;
+        let r = raw_conc(rts, &b.raw, callers, b.conc_total)?;
         report.concurrency.push(ConcRow {
             backend: b.name.into(),
             ratio: k.calls_per_s / r.calls_per_s.max(1e-9),
@@ -495,8 +559,8 @@ fn bench_backend(
     ];
     for (i, (label, args)) in choices.iter().enumerate() {
         let server = start_kleidi(cfg, rts, b, args, &format!("rt{i}"))?;
-        let (decrypt, _) = seq_loop(rts, &server.socket, Method::Decrypt, cfg.n / 2, None)?;
-        let conc16 = conc_loop(rts, &server.socket, 16, cfg.conc_total)?;
+        let (decrypt, _) = seq_loop(rts, &server.socket, Method::Decrypt, b.n / 2, None)?;
+        let conc16 = conc_loop(rts, &server.socket, 16, b.conc_total)?;
         report.runtime.push(RuntimeRow {
             backend: b.name.into(),
             runtime: (*label).into(),

@@ -1,8 +1,10 @@
 //! The raw side: each backend's operation in this process with its own client library, nothing of
 //! kleidi's. PKCS#11: C_Encrypt / C_Decrypt (AES-GCM) on one logged-in session per caller.
-//! OpenBao: vaultrs transit encrypt / decrypt on one shared client.
+//! OpenBao: vaultrs transit encrypt / decrypt on one shared client. TPM: kleidi's own device layer
+//! (`kleidi::backend::tpm::RawConnection`: the TPM commands of one seal or unseal, nothing above
+//! them) on one connection to a swtpm of its own.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -16,6 +18,7 @@ use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
+use kleidi::backend::tpm::{RawConnection, RawSealed, TpmConfig};
 use vaultrs::client::VaultClient;
 use vaultrs::transit::data;
 
@@ -220,19 +223,107 @@ impl RawVault {
         Ok(hist)
     }
 
-    /// `callers` tasks on the one client, each making `total / callers` decrypts. Run on a
-    /// multi-thread runtime.
+    /// `callers` tasks on the one client, each making `total / callers` decrypts of a ciphertext of
+    /// its own (as the kleidi side does). Run on a multi-thread runtime.
     pub async fn concurrent_decrypt(self: &Arc<Self>, callers: u64, total: u64) -> anyhow::Result<Conc> {
-        let ct = Arc::new(self.encrypt().await?);
+        let mut cts = Vec::with_capacity(callers as usize);
+        for _ in 0..callers {
+            cts.push(self.encrypt().await?);
+        }
         let each = (total / callers).max(1);
         let start = Instant::now();
-        let tasks: Vec<_> = (0..callers)
-            .map(|_| {
-                let (me, ct) = (self.clone(), ct.clone());
+        let tasks: Vec<_> = cts
+            .into_iter()
+            .map(|ct| {
+                let me = self.clone();
                 tokio::spawn(async move { me.sequential_decrypt(&ct, each).await })
             })
             .collect();
         let hist = Hist::gather(tasks, each).await;
         Ok(Conc::new(callers, &hist, start.elapsed()))
+    }
+}
+
+/// The TPM commands kleidi's tpm backend makes, on one connection: Encrypt = TPM2_Create of a data
+/// object under the KEK; Decrypt = TPM2_Load + TPM2_Unseal (+ flush); both in the connection's
+/// salted HMAC session with parameter encryption. Taken from kleidi rather than re-implemented, so
+/// the baseline cannot drift from what the backend sends.
+///
+/// swtpm serves one connection at a time (a second one waits until the first closes) and a TPM
+/// runs one command at a time, so concurrent callers share this one connection behind a mutex, as
+/// kleidi's backend does: that is the raw concurrent ceiling.
+pub struct RawTpm {
+    conn: Mutex<RawConnection>,
+}
+
+impl RawTpm {
+    /// Connects to the TPM of `cfg` and takes the current KEK of its state directory.
+    pub fn open(cfg: &TpmConfig) -> anyhow::Result<Self> {
+        Ok(Self {
+            conn: Mutex::new(RawConnection::open(cfg)?),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, RawConnection> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn decrypt(&self, sealed: &RawSealed) -> bool {
+        self.lock().unseal(sealed).is_ok_and(|p| p.as_slice() == SEED)
+    }
+
+    fn sequential_decrypt(&self, sealed: &RawSealed, n: u64) -> Hist {
+        let mut hist = Hist::new();
+        for _ in 0..n {
+            let start = Instant::now();
+            let ok = self.decrypt(sealed);
+            hist.record(start.elapsed(), ok);
+        }
+        hist
+    }
+
+    /// `n` sequential seals or unseals (the first seal also loads the KEK; it is not timed).
+    pub fn sequential(&self, method: Method, n: u64) -> anyhow::Result<Hist> {
+        let sealed = self.lock().seal(&SEED)?;
+        if method == Method::Decrypt {
+            return Ok(self.sequential_decrypt(&sealed, n));
+        }
+        let mut hist = Hist::new();
+        for _ in 0..n {
+            let start = Instant::now();
+            let ok = self.lock().seal(&SEED).is_ok();
+            hist.record(start.elapsed(), ok);
+        }
+        Ok(hist)
+    }
+
+    /// `callers` threads, each unsealing a sealed seed of its own `total / callers` times, all on the
+    /// one connection (each call waits for the mutex, as each kleidi call waits for the TPM).
+    pub fn concurrent_decrypt(&self, callers: u64, total: u64) -> anyhow::Result<Conc> {
+        let each = (total / callers).max(1);
+        let sealed = (0..callers)
+            .map(|_| Ok(self.lock().seal(&SEED)?))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let start = Instant::now();
+        let hists: Vec<Hist> = std::thread::scope(|scope| {
+            let handles: Vec<_> = sealed
+                .iter()
+                .map(|s| scope.spawn(move || self.sequential_decrypt(s, each)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        let mut failed = Hist::new();
+                        failed.errors = each;
+                        failed
+                    })
+                })
+                .collect()
+        });
+        let wall = start.elapsed();
+        let mut hist = Hist::new();
+        hists.iter().for_each(|h| hist.merge(h));
+        Ok(Conc::new(callers, &hist, wall))
     }
 }

@@ -29,12 +29,15 @@ pub fn markdown(r: &Report) -> String {
 
 fn write_markdown(r: &Report, md: &mut String) -> std::fmt::Result {
     writeln!(md, "# kleidi-bench: cross-process, over the Unix socket\n")?;
+    let meta = |key: &str| r.meta.get(key).unwrap_or(&serde_json::Value::Null);
     writeln!(
         md,
-        "{} calls per latency loop, {} Decrypts per concurrent run; µs; {}.\n",
-        r.meta.get("n").unwrap_or(&serde_json::Value::Null),
-        r.meta.get("conc_total").unwrap_or(&serde_json::Value::Null),
-        r.meta.get("client").and_then(|v| v.as_str()).unwrap_or("")
+        "{} calls per latency loop, {} Decrypts per concurrent run (TPM: {} and {}); µs; {}.\n",
+        meta("n"),
+        meta("conc_total"),
+        meta("tpm_n"),
+        meta("tpm_conc_total"),
+        meta("client").as_str().unwrap_or("")
     )?;
 
     writeln!(
@@ -132,8 +135,9 @@ fn write_markdown(r: &Report, md: &mut String) -> std::fmt::Result {
 
     writeln!(
         md,
-        "\nEvery caller decrypts the same ciphertext. kleidi's vault backend gathers concurrent Decrypts \
-         into transit `batch_input` requests; the raw side sends one request per decrypt."
+        "\nEvery caller decrypts a ciphertext of its own. kleidi's vault backend gathers concurrent Decrypts \
+         into transit `batch_input` requests; the raw side sends one request per decrypt. The TPM's raw \
+         callers share one connection (its ceiling: the TPM runs one command at a time)."
     )?;
     writeln!(
         md,
@@ -178,14 +182,11 @@ fn write_markdown(r: &Report, md: &mut String) -> std::fmt::Result {
     }
     writeln!(
         md,
-        "\nEach load run: 64 callers, {} Decrypts.",
-        r.meta.get("conc_total").unwrap_or(&serde_json::Value::Null)
+        "\nEach load run: 64 callers, {} Decrypts (TPM: {}).",
+        meta("conc_total"),
+        meta("tpm_conc_total")
     )?;
-    writeln!(
-        md,
-        "\nTPM: {}",
-        r.meta.get("tpm").and_then(|v| v.as_str()).unwrap_or("")
-    )?;
+    writeln!(md, "\nTPM: {}", meta("tpm").as_str().unwrap_or(""))?;
     writeln!(md, "\nErrors: {}. Elapsed: {:.1} s.", r.errors, r.elapsed_s)?;
     Ok(())
 }

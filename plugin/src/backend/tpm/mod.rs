@@ -213,6 +213,11 @@ impl KeyService for TpmBackend {
         let inner = Arc::clone(&self.inner);
         blocking(move || inner.refresh_current()).await
     }
+
+    /// The key_id comes from the state directory: reading it tells nothing about the TPM.
+    fn key_id_reaches_backend(&self) -> bool {
+        false
+    }
 }
 
 impl Inner {
@@ -220,11 +225,6 @@ impl Inner {
     fn refresh_current(&self) -> Result<String> {
         let current = state::read_current(&self.cfg.state_dir)?.ok_or_else(|| {
             Error::Config(format!(
-
-    /// The key_id comes from the state directory: reading it tells nothing about the TPM.
-    fn key_id_reaches_backend(&self) -> bool {
-        false
-    }
                 "{}/current is gone; kleidi never creates keys by itself (`kleidi tpm init`)",
                 self.cfg.state_dir.display()
             ))
@@ -346,6 +346,50 @@ fn open(cfg: &TpmConfig) -> Result<Connection> {
         Some(path) => read_secret(path, OWNER_AUTH_FLAG)?,
     };
     Connection::open(&cfg.tcti, &auth)
+}
+
+// Exists for the raw TPM baseline of kleidi-bench (benches/src/crossproc/raw.rs).
+/// The device layer alone: one connection (primary, salted HMAC session with parameter encryption)
+/// and the state directory's current KEK; seal and unseal exactly as the backend makes them, without
+/// its mutex, reconnects, gRPC, guard or health layers. Not part of kleidi's API.
+#[doc(hidden)]
+pub struct RawConnection {
+    conn: Connection,
+    key_id: String,
+    kek: Blob,
+}
+
+/// A seed sealed by [`RawConnection::seal`] (kleidi-bench only).
+#[doc(hidden)]
+#[derive(Clone)]
+pub struct RawSealed(Blob);
+
+impl RawConnection {
+    /// Opens the TPM as `kleidi tpm init` does and takes the current KEK from the state directory.
+    pub fn open(cfg: &TpmConfig) -> Result<Self> {
+        validate(cfg)?;
+        let ring = state::read(&cfg.state_dir)?;
+        let key_id = ring
+            .current
+            .clone()
+            .ok_or_else(|| Error::Config(format!("{} holds no TPM key", cfg.state_dir.display())))?;
+        let kek = kek(&ring, &key_id)?.clone();
+        Ok(Self {
+            conn: open(cfg)?,
+            key_id,
+            kek,
+        })
+    }
+
+    /// One Encrypt's TPM commands: TPM2_Create of the seed under the KEK (loading it on first use).
+    pub fn seal(&mut self, seed: &[u8]) -> Result<RawSealed> {
+        self.conn.seal(&self.key_id, &self.kek, seed).map(RawSealed)
+    }
+
+    /// One Decrypt's TPM commands: TPM2_Load of the sealed object, TPM2_Unseal, flush.
+    pub fn unseal(&mut self, sealed: &RawSealed) -> Result<Zeroizing<Vec<u8>>> {
+        self.conn.unseal(&self.key_id, &self.kek, sealed.0.clone())
+    }
 }
 
 fn validate(cfg: &TpmConfig) -> Result<()> {
