@@ -26,9 +26,8 @@ struct Cli {
     /// 10x fewer calls: a smoke run.
     #[arg(long)]
     quick: bool,
-    /// Backends to measure: pkcs11, vault, tpm (two swtpm processes; not a default, as 64 callers
-    /// on a swtpm exceed kleidi's call timeout now and then: benches/README.md).
-    #[arg(long, value_delimiter = ',', default_value = "pkcs11,vault")]
+    /// Backends to measure: pkcs11, vault, tpm (two swtpm processes).
+    #[arg(long, value_delimiter = ',', default_value = "pkcs11,vault,tpm")]
     backends: Vec<String>,
     /// Where crossproc.json and crossproc.md go.
     #[arg(long, default_value = "target/bench")]

@@ -91,8 +91,13 @@ pub struct ConcRow {
     pub kleidi: Conc,
     /// The backend in-process, same number of callers.
     pub raw: Conc,
+    /// The trivial server over its socket, same number of callers: what gRPC alone allows.
+    pub trivial: Conc,
     /// kleidi calls/s ÷ raw calls/s.
     pub ratio: f64,
+    /// kleidi calls/s ÷ the lower of raw and trivial calls/s: the ceiling a plugin behind a socket
+    /// can reach at all.
+    pub ceiling_ratio: f64,
 }
 
 /// One server runtime choice.
@@ -283,7 +288,7 @@ pub fn run(cfg: &Config) -> anyhow::Result<Report> {
         + report
             .concurrency
             .iter()
-            .map(|r| r.kleidi.lat.errors + r.raw.lat.errors)
+            .map(|r| r.kleidi.lat.errors + r.raw.lat.errors + r.trivial.lat.errors)
             .sum::<u64>()
         + report
             .runtime
@@ -539,11 +544,14 @@ fn bench_backend(
     for callers in CALLERS {
         let k = conc_loop(rts, &kleidi.socket, callers, b.conc_total)?;
         let r = raw_conc(rts, &b.raw, callers, b.conc_total)?;
+        let t = conc_loop(rts, &trivial.socket, callers, b.conc_total)?;
         report.concurrency.push(ConcRow {
             backend: b.name.into(),
             ratio: k.calls_per_s / r.calls_per_s.max(1e-9),
+            ceiling_ratio: k.calls_per_s / r.calls_per_s.min(t.calls_per_s).max(1e-9),
             kleidi: k,
             raw: r,
+            trivial: t,
         });
     }
     drop(kleidi);
