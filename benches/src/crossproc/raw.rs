@@ -88,27 +88,9 @@ impl RawHsm {
                 Ok((s, iv, ct))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let start = Instant::now();
-        let hists: Vec<Hist> = std::thread::scope(|scope| {
-            let handles: Vec<_> = sessions
-                .into_iter()
-                .map(|(s, iv, ct)| scope.spawn(move || s.sequential_decrypt(&iv, &ct, each)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        let mut failed = Hist::new();
-                        failed.errors = each;
-                        failed
-                    })
-                })
-                .collect()
-        });
-        let wall = start.elapsed();
-        let mut hist = Hist::new();
-        hists.iter().for_each(|h| hist.merge(h));
-        Ok(Conc::new(callers, &hist, wall))
+        Ok(threads(callers, each, sessions, |(s, iv, ct)| {
+            s.sequential_decrypt(&iv, &ct, each)
+        }))
     }
 }
 
@@ -304,26 +286,37 @@ impl RawTpm {
         let sealed = (0..callers)
             .map(|_| Ok(self.lock().seal(&SEED)?))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let start = Instant::now();
-        let hists: Vec<Hist> = std::thread::scope(|scope| {
-            let handles: Vec<_> = sealed
-                .iter()
-                .map(|s| scope.spawn(move || self.sequential_decrypt(s, each)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        let mut failed = Hist::new();
-                        failed.errors = each;
-                        failed
-                    })
-                })
-                .collect()
-        });
-        let wall = start.elapsed();
-        let mut hist = Hist::new();
-        hists.iter().for_each(|h| hist.merge(h));
-        Ok(Conc::new(callers, &hist, wall))
+        Ok(threads(callers, each, sealed, |s| {
+            self.sequential_decrypt(&s, each)
+        }))
     }
+}
+
+/// One thread per item, each running `caller` on it (`each` calls), timed together; a thread that
+/// panicked counts all its calls as errors.
+fn threads<I: Send>(callers: u64, each: u64, items: Vec<I>, caller: impl Fn(I) -> Hist + Sync) -> Conc {
+    let start = Instant::now();
+    let hists: Vec<Hist> = std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .into_iter()
+            .map(|item| {
+                let caller = &caller;
+                scope.spawn(move || caller(item))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    let mut failed = Hist::new();
+                    failed.errors = each;
+                    failed
+                })
+            })
+            .collect()
+    });
+    let wall = start.elapsed();
+    let mut hist = Hist::new();
+    hists.iter().for_each(|h| hist.merge(h));
+    Conc::new(callers, &hist, wall)
 }
