@@ -384,6 +384,20 @@ async fn sigterm_stops_gracefully_and_removes_the_socket() {
 }
 
 #[tokio::test]
+async fn core_dumps_are_off_for_the_serving_process() {
+    let token = Token::new();
+    let k = Kleidi::start(&token, KEK, &[]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", k.child.id())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    // Soft and hard: a crash writes nothing, and the process could not raise it again.
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], ["0", "0"], "{core}");
+}
+
+#[tokio::test]
 async fn a_crashed_instance_socket_is_replaced_but_a_live_one_is_not_stolen() {
     let token = Token::new();
     let mut first = Kleidi::start(&token, KEK, &[]);
