@@ -178,101 +178,290 @@ async fn pkcs11_init_is_idempotent() {
     assert_eq!(status(&k).await.key_id, before);
 }
 
+/// One bad request to either service.
+enum Bad {
+    V2Encrypt(v2::EncryptRequest),
+    V2Decrypt(v2::DecryptRequest),
+    V1Encrypt(v1beta1::EncryptRequest),
+    V1Decrypt(v1beta1::DecryptRequest),
+}
+
+type V2Client = v2::key_management_service_client::KeyManagementServiceClient<tonic::transport::Channel>;
+type V1Client = v1beta1::key_management_service_client::KeyManagementServiceClient<tonic::transport::Channel>;
+
+impl Bad {
+    /// Sends it on the one connection each service's client holds, as the apiserver does.
+    async fn send(self, v2: &mut V2Client, v1: &mut V1Client) -> Result<(), tonic::Status> {
+        match self {
+            Bad::V2Encrypt(r) => v2.encrypt(r).await.map(drop),
+            Bad::V2Decrypt(r) => v2.decrypt(r).await.map(drop),
+            Bad::V1Encrypt(r) => v1.encrypt(r).await.map(drop),
+            Bad::V1Decrypt(r) => v1.decrypt(r).await.map(drop),
+        }
+    }
+}
+
+/// The bad-input table: every field empty, oversized (plaintext, ciphertext and key_id over the
+/// apiserver's limits, annotations over 32 KiB, a message over the 64 KiB gRPC limit), malformed
+/// (annotation keys that are not DNS names, unknown format, unknown or another key's key_id, wrong
+/// v1 version) and every byte of a valid ciphertext flipped, on both services. Each gets its status
+/// (INVALID_ARGUMENT, or OUT_OF_RANGE from the gRPC layer for an oversized message), a log line and
+/// no panic; afterwards the plugin is healthy and the good ciphertexts still decrypt.
 #[tokio::test]
-async fn bad_input_gets_invalid_argument_and_loses_nothing() {
+async fn bad_input_table_over_both_services_gets_clear_statuses_and_loses_nothing() {
     let token = Token::new();
     token.init_key("kek-2");
-    let k = Kleidi::start(&token, KEK, &[]);
+    let mut k = Kleidi::start(&token, KEK, &[]);
     let s = seed();
     let good = encrypt(&k, s.clone()).await.unwrap();
     let other_key = {
         let k2 = Kleidi::start_on(&token, "kek-2", "other.sock");
         encrypt(&k2, seed()).await.unwrap()
     };
+    let v1_good = k
+        .v1()
+        .await
+        .encrypt(v1beta1::EncryptRequest {
+            version: "v1beta1".into(),
+            plain: s.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .cipher;
 
-    assert_eq!(
-        encrypt(&k, vec![]).await.unwrap_err().code(),
-        Code::InvalidArgument,
-        "empty plaintext"
+    let v2_enc = |plaintext: Vec<u8>| {
+        Bad::V2Encrypt(v2::EncryptRequest {
+            plaintext,
+            uid: "test".into(),
+        })
+    };
+    let v2_dec = |ciphertext: Vec<u8>, key_id: String, annotations: HashMap<String, Vec<u8>>| {
+        Bad::V2Decrypt(v2::DecryptRequest {
+            ciphertext,
+            uid: "test".into(),
+            key_id,
+            annotations,
+        })
+    };
+    let v1_enc = |version: &str, plain: Vec<u8>| {
+        Bad::V1Encrypt(v1beta1::EncryptRequest {
+            version: version.into(),
+            plain,
+        })
+    };
+    let v1_dec = |version: &str, cipher: Vec<u8>| {
+        Bad::V1Decrypt(v1beta1::DecryptRequest {
+            version: version.into(),
+            cipher,
+        })
+    };
+    let annotated = |key: &str, value: Vec<u8>| {
+        let mut a = good.annotations.clone();
+        a.insert(key.into(), value);
+        a
+    };
+    let (ct, id, ann) = (
+        good.ciphertext.clone(),
+        good.key_id.clone(),
+        good.annotations.clone(),
     );
-    assert_eq!(
-        encrypt(&k, vec![1; 513]).await.unwrap_err().code(),
-        Code::InvalidArgument,
-        "oversized plaintext"
-    );
-    let huge = encrypt(&k, vec![1; 100 * 1024]).await.unwrap_err();
-    // Rejected by the gRPC layer (64 KiB message limit) before the service sees it.
-    assert_eq!(huge.code(), Code::OutOfRange, "{huge:?}");
+    let over_limit = vec![1u8; 100 * 1024];
 
-    type Case = (&'static str, Vec<u8>, String, HashMap<String, Vec<u8>>);
-    let mut cases: Vec<Case> = Vec::new();
-    for i in 0..good.ciphertext.len() {
-        let mut c = good.ciphertext.clone();
+    let mut table: Vec<(String, Bad, Code)> = vec![
+        (
+            "v2 encrypt: empty plaintext".into(),
+            v2_enc(vec![]),
+            Code::InvalidArgument,
+        ),
+        (
+            "v2 encrypt: 513-byte plaintext".into(),
+            v2_enc(vec![1; 513]),
+            Code::InvalidArgument,
+        ),
+        (
+            "v2 encrypt: message over 64 KiB".into(),
+            v2_enc(over_limit.clone()),
+            Code::OutOfRange,
+        ),
+        (
+            "v2 decrypt: everything empty".into(),
+            v2_dec(vec![], String::new(), HashMap::new()),
+            Code::InvalidArgument,
+        ),
+        (
+            "v2 decrypt: empty ciphertext".into(),
+            v2_dec(vec![], id.clone(), ann.clone()),
+            Code::InvalidArgument,
+        ),
+        (
+            "v2 decrypt: truncated ciphertext".into(),
+            v2_dec(ct[..ct.len() - 1].to_vec(), id.clone(), ann.clone()),
+            Code::InvalidArgument,
+        ),
+        (
+            "v2 decrypt: 1025-byte ciphertext".into(),
+            v2_dec(vec![7; 1025], id.clone(), ann.clone()),
+            Code::InvalidArgument,
+        ),
+        (
+            "v2 decrypt: empty key_id".into(),
+            v2_dec(ct.clone(), String::new(), ann.clone()),
+            Code::InvalidArgument,
+        ),
+        (
+            "v2 decrypt: 1025-byte key_id".into(),
+            v2_dec(ct.clone(), "k".repeat(1025), ann.clone()),
+            Code::InvalidArgument,
+        ),
+        (
+            "v2 decrypt: garbage key_id".into(),
+            v2_dec(ct.clone(), "\u{0}\u{1}".into(), ann.clone()),
+            Code::InvalidArgument,
+        ),
+        (
+            "v2 decrypt: unknown key_id".into(),
+            v2_dec(ct.clone(), "pkcs11:kek-9:00112233".into(), ann.clone()),
+            Code::InvalidArgument,
+        ),
+        (
+            "v2 decrypt: another key's key_id".into(),
+            v2_dec(ct.clone(), other_key.key_id.clone(), ann.clone()),
+            Code::InvalidArgument,
+        ),
+        (
+            "v2 decrypt: no annotations".into(),
+            v2_dec(ct.clone(), id.clone(), HashMap::new()),
+            Code::InvalidArgument,
+        ),
+        (
+            "v2 decrypt: unknown format version".into(),
+            v2_dec(
+                ct.clone(),
+                id.clone(),
+                annotated("format.kleidi.dev", b"pkcs11-aes-256-gcm-v9".to_vec()),
+            ),
+            Code::InvalidArgument,
+        ),
+        (
+            "v2 decrypt: annotation key not a DNS name".into(),
+            v2_dec(ct.clone(), id.clone(), annotated("Not_A_Domain", b"x".to_vec())),
+            Code::InvalidArgument,
+        ),
+        (
+            "v2 decrypt: single-label annotation key".into(),
+            v2_dec(ct.clone(), id.clone(), annotated("format", b"x".to_vec())),
+            Code::InvalidArgument,
+        ),
+        (
+            "v2 decrypt: annotations over 32 KiB".into(),
+            v2_dec(
+                ct.clone(),
+                id.clone(),
+                annotated("big.example.com", vec![b'a'; 33 * 1024]),
+            ),
+            Code::InvalidArgument,
+        ),
+        (
+            "v2 decrypt: message over 64 KiB".into(),
+            v2_dec(over_limit.clone(), id.clone(), ann.clone()),
+            Code::OutOfRange,
+        ),
+        (
+            "v1 encrypt: empty plain".into(),
+            v1_enc("v1beta1", vec![]),
+            Code::InvalidArgument,
+        ),
+        (
+            "v1 encrypt: empty version".into(),
+            v1_enc("", s.clone()),
+            Code::InvalidArgument,
+        ),
+        (
+            "v1 encrypt: wrong version".into(),
+            v1_enc("v2", s.clone()),
+            Code::InvalidArgument,
+        ),
+        (
+            "v1 encrypt: 513-byte plain".into(),
+            v1_enc("v1beta1", vec![1; 513]),
+            Code::InvalidArgument,
+        ),
+        (
+            "v1 encrypt: message over 64 KiB".into(),
+            v1_enc("v1beta1", over_limit.clone()),
+            Code::OutOfRange,
+        ),
+        (
+            "v1 decrypt: everything empty".into(),
+            v1_dec("", vec![]),
+            Code::InvalidArgument,
+        ),
+        (
+            "v1 decrypt: empty cipher".into(),
+            v1_dec("v1beta1", vec![]),
+            Code::InvalidArgument,
+        ),
+        (
+            "v1 decrypt: wrong version".into(),
+            v1_dec("v2", v1_good.clone()),
+            Code::InvalidArgument,
+        ),
+        (
+            "v1 decrypt: truncated cipher".into(),
+            v1_dec("v1beta1", v1_good[..v1_good.len() - 1].to_vec()),
+            Code::InvalidArgument,
+        ),
+        (
+            "v1 decrypt: 4 KiB of garbage".into(),
+            v1_dec("v1beta1", vec![0x5a; 4096]),
+            Code::InvalidArgument,
+        ),
+        (
+            "v1 decrypt: message over 64 KiB".into(),
+            v1_dec("v1beta1", over_limit.clone()),
+            Code::OutOfRange,
+        ),
+    ];
+    for i in 0..ct.len() {
+        let mut c = ct.clone();
         c[i] ^= 0x80;
-        cases.push((
-            "tampered ciphertext byte",
-            c,
-            good.key_id.clone(),
-            good.annotations.clone(),
+        table.push((
+            format!("v2 decrypt: ciphertext byte {i} flipped"),
+            v2_dec(c, id.clone(), ann.clone()),
+            Code::InvalidArgument,
         ));
     }
-    cases.push((
-        "truncated",
-        good.ciphertext[..good.ciphertext.len() - 1].to_vec(),
-        good.key_id.clone(),
-        good.annotations.clone(),
-    ));
-    cases.push((
-        "empty ciphertext",
-        vec![],
-        good.key_id.clone(),
-        good.annotations.clone(),
-    ));
-    cases.push((
-        "another key's key_id",
-        good.ciphertext.clone(),
-        other_key.key_id.clone(),
-        good.annotations.clone(),
-    ));
-    cases.push((
-        "unknown key_id",
-        good.ciphertext.clone(),
-        "pkcs11:kek-9:00112233".into(),
-        good.annotations.clone(),
-    ));
-    cases.push((
-        "garbage key_id",
-        good.ciphertext.clone(),
-        "\u{0}\u{1}".into(),
-        good.annotations.clone(),
-    ));
-    cases.push((
-        "no annotations",
-        good.ciphertext.clone(),
-        good.key_id.clone(),
-        HashMap::new(),
-    ));
-    let mut unknown_format = good.annotations.clone();
-    unknown_format.insert("format.kleidi.dev".into(), b"pkcs11-aes-256-gcm-v9".to_vec());
-    cases.push((
-        "unknown format version",
-        good.ciphertext.clone(),
-        good.key_id.clone(),
-        unknown_format,
-    ));
-    let mut bad_key = good.annotations.clone();
-    bad_key.insert("Not_A_Domain".into(), b"x".to_vec());
-    cases.push((
-        "annotation key not a DNS name",
-        good.ciphertext.clone(),
-        good.key_id.clone(),
-        bad_key,
-    ));
-    for (what, c, key_id, ann) in cases {
-        let err = decrypt_parts(&k, c, key_id, ann).await.unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+    for i in 0..v1_good.len() {
+        let mut c = v1_good.clone();
+        c[i] ^= 0x80;
+        table.push((
+            format!("v1 decrypt: cipher byte {i} flipped"),
+            v1_dec("v1beta1", c),
+            Code::InvalidArgument,
+        ));
     }
 
+    let (mut v2_client, mut v1_client) = (k.v2().await, k.v1().await);
+    let mut wrong = Vec::new();
+    for (what, request, expected) in table {
+        match request.send(&mut v2_client, &mut v1_client).await {
+            Err(status) if status.code() == expected => {}
+            other => wrong.push(format!("{what}: expected {expected:?}, got {other:?}")),
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} cases wrong:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+
+    assert!(
+        k.child.try_wait().unwrap().is_none(),
+        "kleidi exited on bad input; log:\n{}",
+        k.logs()
+    );
     assert_eq!(
         status(&k).await.healthz,
         "ok",
@@ -281,8 +470,20 @@ async fn bad_input_gets_invalid_argument_and_loses_nothing() {
     assert_eq!(
         decrypt(&k, &good).await.unwrap(),
         s,
-        "the good ciphertext still decrypts"
+        "the good v2 ciphertext still decrypts"
     );
+    let v1_plain = k
+        .v1()
+        .await
+        .decrypt(v1beta1::DecryptRequest {
+            version: "v1beta1".into(),
+            cipher: v1_good,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plain;
+    assert_eq!(v1_plain, s, "the good v1 cipher still decrypts");
     let logs = k.logs();
     assert!(logs.contains("decrypt failed"), "each bad call logs a line");
     assert!(!logs.contains("panicked"), "{logs}");
