@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use kleidi_harness::apiserver::object::{self, Encoding, Keys};
 use kleidi_harness::apiserver::{Authority, Envelope, Storage, connect_unix};
 use kleidi_harness::audit::Audit;
-use kleidi_harness::runtime::Etcd;
+use kleidi_harness::runtime::{Etcd, write_private};
 
 const IMAGE: &str = concat!("kleidi:", env!("CARGO_PKG_VERSION"));
 
@@ -66,16 +66,14 @@ async fn the_image_serves_the_static_pod_command_line_to_the_apiserver_envelope(
     ))
     .unwrap();
     std::fs::write(dir.path().join("etc/softhsm2.conf"), conf).unwrap();
-    std::fs::write(
-        dir.path().join("etc/pkcs11-pin"),
-        format!("{}\n", uuid::Uuid::new_v4().simple()),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("etc/pkcs11-so-pin"),
-        format!("{}\n", uuid::Uuid::new_v4().simple()),
-    )
-    .unwrap();
+    // 0600, as the README tells operators: kleidi refuses PIN files others can read.
+    for pin in ["etc/pkcs11-pin", "etc/pkcs11-so-pin"] {
+        write_private(
+            &dir.path().join(pin),
+            format!("{}\n", uuid::Uuid::new_v4().simple()),
+        )
+        .unwrap();
+    }
     let mounts = mounts(dir.path());
     let mounts: Vec<&str> = mounts.iter().map(String::as_str).collect();
     let pin = ["--pkcs11-pin-file", "/etc/kleidi/pkcs11-pin"];
