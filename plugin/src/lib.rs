@@ -36,6 +36,132 @@ pub mod proto {
     pub mod v1beta1 {
         tonic::include_proto!("v1beta1");
     }
+    /// Debug for the messages that carry a seed in clear (build.rs skips prost's derive for them):
+    /// every other field as prost would print it, the seed as its length only.
+    mod redacted {
+        use std::fmt;
+
+        use super::{v1beta1, v2};
+
+        /// Stands in for a plaintext in Debug output.
+        struct Redacted(usize);
+
+        impl fmt::Debug for Redacted {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "[REDACTED {} bytes]", self.0)
+            }
+        }
+
+        impl fmt::Debug for v2::EncryptRequest {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct("EncryptRequest")
+                    .field("plaintext", &Redacted(self.plaintext.len()))
+                    .field("uid", &self.uid)
+                    .finish()
+            }
+        }
+
+        impl fmt::Debug for v2::DecryptResponse {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct("DecryptResponse")
+                    .field("plaintext", &Redacted(self.plaintext.len()))
+                    .finish()
+            }
+        }
+
+        impl fmt::Debug for v1beta1::EncryptRequest {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct("EncryptRequest")
+                    .field("version", &self.version)
+                    .field("plain", &Redacted(self.plain.len()))
+                    .finish()
+            }
+        }
+
+        impl fmt::Debug for v1beta1::DecryptResponse {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct("DecryptResponse")
+                    .field("plain", &Redacted(self.plain.len()))
+                    .finish()
+            }
+        }
+
+        #[cfg(test)]
+        mod tests {
+            use super::{v1beta1, v2};
+
+            const SEED: [u8; 32] = [
+                0xc3, 0x11, 0xfe, 0x42, 0x00, 0x9a, 0x7b, 0x5e, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24,
+            ];
+
+            /// The seed as Debug of a `Vec<u8>` (what prost's derive printed), hex, and raw text.
+            fn forms() -> Vec<String> {
+                let list: Vec<String> = SEED.iter().take(8).map(u8::to_string).collect();
+                vec![
+                    list.join(", "),
+                    hex::encode(SEED),
+                    hex::encode_upper(SEED),
+                    String::from_utf8_lossy(&SEED).into_owned(),
+                ]
+            }
+
+            fn assert_redacted(what: &str, debug: String) {
+                for form in forms() {
+                    assert!(!debug.contains(&form), "{what} prints the seed: {debug}");
+                }
+                assert!(debug.contains("[REDACTED 32 bytes]"), "{what}: {debug}");
+            }
+
+            #[test]
+            fn messages_that_carry_a_seed_print_its_length_only() {
+                let shown = [
+                    (
+                        "v2 EncryptRequest",
+                        format!(
+                            "{:?}",
+                            v2::EncryptRequest {
+                                plaintext: SEED.to_vec(),
+                                uid: "u-1".into()
+                            }
+                        ),
+                    ),
+                    (
+                        "v2 DecryptResponse",
+                        format!(
+                            "{:#?}",
+                            v2::DecryptResponse {
+                                plaintext: SEED.to_vec()
+                            }
+                        ),
+                    ),
+                    (
+                        "v1beta1 EncryptRequest",
+                        format!(
+                            "{:?}",
+                            v1beta1::EncryptRequest {
+                                version: "v1beta1".into(),
+                                plain: SEED.to_vec()
+                            }
+                        ),
+                    ),
+                    (
+                        "v1beta1 DecryptResponse",
+                        format!("{:#?}", v1beta1::DecryptResponse { plain: SEED.to_vec() }),
+                    ),
+                ];
+                for (what, debug) in shown {
+                    assert_redacted(what, debug);
+                }
+                // What is not secret still shows, so logs of a request stay useful.
+                let req = v2::EncryptRequest {
+                    plaintext: SEED.to_vec(),
+                    uid: "u-1".into(),
+                };
+                assert!(format!("{req:?}").contains("u-1"));
+            }
+        }
+    }
     /// kleidi's own wrapping of a KMS v1 `cipher` (key_id and annotations travel inside it).
     #[allow(missing_docs, clippy::all, clippy::pedantic)]
     pub mod envelope {

@@ -425,6 +425,23 @@ impl Envelope {
 
 #[cfg(test)]
 mod tests {
+    // What holds a seed or a derived key has no Debug or Display (Envelope's own Debug prints the
+    // provider, key_id and counters only), so no log line or panic message can print one.
+    static_assertions::assert_not_impl_any!(super::WriteState: std::fmt::Debug, std::fmt::Display);
+    static_assertions::assert_not_impl_any!(super::CacheEntry: std::fmt::Debug, std::fmt::Display);
+    static_assertions::assert_not_impl_any!(
+        super::ReadTransformer: std::fmt::Debug,
+        std::fmt::Display
+    );
+    static_assertions::assert_not_impl_any!(
+        crate::apiserver::aes::SeedGcm: std::fmt::Debug,
+        std::fmt::Display
+    );
+    static_assertions::assert_not_impl_any!(
+        crate::apiserver::aes::Gcm: std::fmt::Debug,
+        std::fmt::Display
+    );
+
     use std::collections::BTreeMap;
 
     use async_trait::async_trait;

@@ -162,6 +162,18 @@ pub(super) fn secret_key(label: &str) -> [Attribute; 2] {
 
 #[cfg(test)]
 mod tests {
+    // What holds the PIN (the last one the token rejected, kept to never present it twice) has no
+    // Debug or Display, so no log line, error or panic message can print it; Pkcs11Backend's own
+    // Debug names the module path and labels only.
+    static_assertions::assert_not_impl_any!(
+        crate::backend::pkcs11::session::Login: std::fmt::Debug,
+        std::fmt::Display
+    );
+    static_assertions::assert_not_impl_any!(
+        crate::backend::pkcs11::session::Inner: std::fmt::Debug,
+        std::fmt::Display
+    );
+
     use super::*;
 
     fn annotated() -> Annotations {

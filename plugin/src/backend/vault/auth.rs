@@ -478,6 +478,34 @@ fn read_digest(creds: &Credentials) -> Option<[u8; 32]> {
 
 #[cfg(test)]
 mod tests {
+    // The token and the secret_id/JWT read for a login have no Debug or Display anywhere they are
+    // held, so no log line, error or panic message can print them (secrecy's types print
+    // `[REDACTED]`; vaultrs' own request and client types would print them in full).
+    static_assertions::assert_not_impl_any!(super::Token: std::fmt::Debug, std::fmt::Display);
+    static_assertions::assert_not_impl_any!(super::State: std::fmt::Debug, std::fmt::Display);
+    static_assertions::assert_not_impl_any!(super::Credentials: std::fmt::Debug, std::fmt::Display);
+    static_assertions::assert_not_impl_any!(
+        crate::backend::vault::client::Call: std::fmt::Debug,
+        std::fmt::Display
+    );
+    // Request and response bodies that carry a seed (base64) in clear.
+    static_assertions::assert_not_impl_any!(
+        crate::backend::vault::api::Encrypt: std::fmt::Debug,
+        std::fmt::Display
+    );
+    static_assertions::assert_not_impl_any!(
+        crate::backend::vault::api::Plaintext: std::fmt::Debug,
+        std::fmt::Display
+    );
+    static_assertions::assert_not_impl_any!(
+        crate::backend::vault::api::BatchPlaintexts: std::fmt::Debug,
+        std::fmt::Display
+    );
+    static_assertions::assert_not_impl_any!(
+        crate::backend::vault::api::BatchResult: std::fmt::Debug,
+        std::fmt::Display
+    );
+
     use std::os::unix::fs::PermissionsExt as _;
 
     use super::*;
