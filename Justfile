@@ -88,10 +88,35 @@ bench: deps
         target/release/kleidi-bench plot-scale --input target/bench/scale.json --out benches/plots/decrypt-calls-vs-n.png
     fi
 
-# fmt and clippy, as CI's reviewers expect them.
-lint:
+# fmt, clippy and cargo deny, as CI's reviewers expect them.
+lint: deny
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# Supply chain (deny.toml): licenses, sources, one version of each heavy crate, RustSec advisories.
+# Where github.com cannot be reached, KLEIDI_ADVISORY_DB=<a clone of rustsec/advisory-db> stands in;
+# with neither that nor an earlier copy, advisories alone are skipped, loudly.
+deny:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v cargo-deny >/dev/null || cargo install --locked cargo-deny
+    cargo deny --locked check bans licenses sources
+    # Where cargo-deny keeps the database of its default URL (github.com/RustSec/advisory-db).
+    db="${CARGO_HOME:-$HOME/.cargo}/advisory-dbs/advisory-db-3157b0e258782691"
+    if timeout 120 cargo deny --locked fetch db >/dev/null 2>&1; then
+        cargo deny --locked check advisories
+    else
+        if [ -n "${KLEIDI_ADVISORY_DB:-}" ]; then
+            rm -rf "$db"
+            git clone -q --depth 1 "file://$(realpath "$KLEIDI_ADVISORY_DB")" "$db"
+        fi
+        if [ -d "$db/crates" ]; then
+            echo "deny: github.com unreachable; advisories from the local copy of $(git -C "$db" log -1 --format=%cs)"
+            cargo deny --locked --offline check advisories
+        else
+            echo "deny: WARNING: RustSec advisories NOT checked: github.com/RustSec/advisory-db cannot be fetched from here and KLEIDI_ADVISORY_DB is not set" >&2
+        fi
+    fi
 
 # Container image kleidi:<version> for the static pod, from debootstrap + docker import (no registry);
 # `just image target/debug/kleidi` lays that binary in instead of building the release one.

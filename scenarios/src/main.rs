@@ -100,11 +100,11 @@ fn main() -> ExitCode {
 #[allow(unsafe_code)]
 fn point_at_engine() -> Result<()> {
     let (runtime, _) = RuntimeKind::choose()?;
-    if runtime == RuntimeKind::Container {
-        if let Some(host) = kleidi_harness::images::engine::docker_host()? {
-            // SAFETY: single-threaded here (the relay thread never reads the environment).
-            unsafe { std::env::set_var("DOCKER_HOST", host) };
-        }
+    if runtime == RuntimeKind::Container
+        && let Some(host) = kleidi_harness::images::engine::docker_host()?
+    {
+        // SAFETY: single-threaded here (the relay thread never reads the environment).
+        unsafe { std::env::set_var("DOCKER_HOST", host) };
     }
     Ok(())
 }

@@ -50,12 +50,12 @@ async fn options_for(scenario: &Scenario, backend: BackendKind) -> Option<RunOpt
 fn engine() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        if RuntimeKind::choose().is_ok_and(|(r, _)| r == RuntimeKind::Container) {
-            if let Some(host) = kleidi_harness::images::engine::docker_host().unwrap() {
-                // SAFETY: every test calls this before touching Docker and waits in `call_once`
-                // while it runs; no test thread reads the environment meanwhile.
-                unsafe { std::env::set_var("DOCKER_HOST", host) };
-            }
+        if RuntimeKind::choose().is_ok_and(|(r, _)| r == RuntimeKind::Container)
+            && let Some(host) = kleidi_harness::images::engine::docker_host().unwrap()
+        {
+            // SAFETY: every test calls this before touching Docker and waits in `call_once`
+            // while it runs; no test thread reads the environment meanwhile.
+            unsafe { std::env::set_var("DOCKER_HOST", host) };
         }
     });
 }

@@ -253,10 +253,10 @@ pub async fn run(n: usize, kleidi: &Path) -> Result<Row> {
 async fn put_all(store: &EtcdStore, batch: Vec<(String, Vec<u8>)>) -> Result<()> {
     let mut in_flight = JoinSet::new();
     for (key, value) in batch {
-        if in_flight.len() >= PUTS_IN_FLIGHT {
-            if let Some(done) = in_flight.join_next().await {
-                done??;
-            }
+        if in_flight.len() >= PUTS_IN_FLIGHT
+            && let Some(done) = in_flight.join_next().await
+        {
+            done??;
         }
         let store = store.clone();
         in_flight.spawn(async move { store.put(key.as_bytes(), value).await });

@@ -152,10 +152,12 @@ impl Rewriter {
             let Some(window) = data.get_mut(start..start + PATTERN_LEN) else {
                 break;
             };
-            if let [b' ', b'/', b'v', b'1', b'.', tens, ones, b'/'] = window {
-                if tens.is_ascii_digit() && ones.is_ascii_digit() && [*tens, *ones] > self.minor {
-                    [*tens, *ones] = self.minor;
-                }
+            if let [b' ', b'/', b'v', b'1', b'.', tens, ones, b'/'] = window
+                && tens.is_ascii_digit()
+                && ones.is_ascii_digit()
+                && [*tens, *ones] > self.minor
+            {
+                [*tens, *ones] = self.minor;
             }
         }
         let keep = (1..PATTERN_LEN)

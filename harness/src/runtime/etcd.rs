@@ -105,10 +105,10 @@ impl Etcd {
     pub async fn wait_ready(&self, limit: Duration) -> Result<()> {
         let started = Instant::now();
         loop {
-            if let Ok(c) = self.client().await {
-                if c.get(b"health-probe").await.is_ok() {
-                    return Ok(());
-                }
+            if let Ok(c) = self.client().await
+                && c.get(b"health-probe").await.is_ok()
+            {
+                return Ok(());
             }
             if started.elapsed() > limit {
                 bail!(

@@ -147,7 +147,7 @@ impl ContainerHandle {
     /// Takes it off `network`: every peer there is unreachable, and it is unreachable from them.
     pub async fn disconnect(&self, network: &str) -> Result<()> {
         let request = NetworkDisconnectRequest {
-            container: Some(self.id.clone()),
+            container: self.id.clone(),
             force: Some(true),
         };
         self.docker
@@ -159,7 +159,7 @@ impl ContainerHandle {
     /// Puts it back on `network` (it may get another address there; peers reach it by name).
     pub async fn connect(&self, network: &str) -> Result<()> {
         let request = NetworkConnectRequest {
-            container: Some(self.id.clone()),
+            container: self.id.clone(),
             endpoint_config: None,
         };
         self.docker
