@@ -1,6 +1,7 @@
 //! Command-line flags (each with a `KLEIDI_*` environment equivalent), parsed once into typed
 //! values. The flag names are a user-facing contract: manifests in `fixtures/` depend on them.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -193,6 +194,15 @@ pub struct ServeArgs {
     /// Worker threads of the multi-thread runtime; default one per core.
     #[arg(long, env = "KLEIDI_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: Option<u16>,
+    /// Serve Prometheus metrics (/metrics) and the health endpoints /livez and /readyz over plain
+    /// HTTP on this address, e.g. 127.0.0.1:9464 (port 0: any free port, logged). Off by default.
+    #[arg(long, env = "KLEIDI_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Accept a --metrics-addr that is not loopback. The endpoints have no authentication and no
+    /// TLS, and metrics tell whoever can connect the current key's hash, call rates, error
+    /// classes and credential lifetimes: only where the network itself restricts who connects.
+    #[arg(long, env = "KLEIDI_METRICS_ALLOW_NON_LOOPBACK", requires = "metrics_addr")]
+    pub metrics_allow_non_loopback: bool,
     /// PKCS#11 settings (with --backend pkcs11).
     #[command(flatten)]
     pub pkcs11: Pkcs11Args,
@@ -225,6 +235,17 @@ impl ServeArgs {
             probe_timeout: self.call_timeout * 3,
             answer_within: HealthTtl::default().answer_within,
         }
+    }
+}
+
+impl ServeArgs {
+    /// How old a healthy verdict `/readyz` still accepts: two `--health-ok-ttl`, and never less
+    /// than one TTL plus a whole probe and Status's wait. A verdict is renewed once per TTL (by
+    /// Status, or by `/readyz` itself), so only a probe stuck beyond its own bound, or a wedged
+    /// runtime, lets it grow older; a single late probe does not flap readiness.
+    pub fn ready_max_age(&self) -> Duration {
+        let ttl = self.health_ttl();
+        (ttl.ok * 2).max(ttl.ok + ttl.probe_timeout + ttl.answer_within)
     }
 }
 
@@ -420,6 +441,35 @@ mod tests {
         );
         assert!(serve(&["--max-connections", "0"]).is_err());
         assert!(serve(&["--idle-timeout", "0s"]).is_err());
+    }
+
+    #[test]
+    fn metrics_are_off_unless_an_address_is_given() {
+        let serve = |extra: &[&str]| {
+            let mut args = vec!["kleidi", "serve", "--backend", "pkcs11"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).map(|cli| match cli.command {
+                Command::Serve(s) => (s.metrics_addr, s.metrics_allow_non_loopback, s.ready_max_age()),
+                _ => panic!("not serve"),
+            })
+        };
+        assert_eq!(serve(&[]).unwrap(), (None, false, Duration::from_secs(90)));
+        let (addr, allow, _) = serve(&["--metrics-addr", "127.0.0.1:9464"]).unwrap();
+        assert_eq!(
+            (addr.map(|a| a.to_string()), allow),
+            (Some("127.0.0.1:9464".into()), false)
+        );
+        assert!(
+            serve(&["--metrics-addr", "localhost:9464"]).is_err(),
+            "an IP, not a name"
+        );
+        assert!(
+            serve(&["--metrics-allow-non-loopback"]).is_err(),
+            "needs --metrics-addr"
+        );
+        // A short TTL still leaves room for a whole probe and Status's wait.
+        let (_, _, max_age) = serve(&["--health-ok-ttl", "1s"]).unwrap();
+        assert_eq!(max_age, Duration::from_secs(1 + 6 + 2));
     }
 
     #[test]

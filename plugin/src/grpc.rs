@@ -3,12 +3,14 @@
 //! [`KeyService`] types; limits, health and logging live in the layers it is handed.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use prost::Message;
 use secrecy::{ExposeSecret, SecretSlice};
 use tonic::{Request, Response, Status};
 
 use crate::health::Healthy;
+use crate::metrics::{Method, Metrics, Service};
 use crate::proto::envelope::WrappedKey;
 use crate::proto::{v1beta1, v2};
 use crate::service::{Encrypted, KeyService};
@@ -38,59 +40,97 @@ impl StatusVersion {
     }
 }
 
+/// Counts a call in `metrics`, if any, once it has its result.
+async fn counted<T>(
+    metrics: Option<&Metrics>,
+    service: Service,
+    method: Method,
+    call: impl Future<Output = Result<Response<T>, Status>>,
+) -> Result<Response<T>, Status> {
+    let started = Instant::now();
+    let result = call.await;
+    if let Some(metrics) = metrics {
+        metrics.rpc(service, method, started, &result);
+    }
+    result
+}
+
 /// `v2.KeyManagementService` over any [`KeyService`] stack.
 pub struct KmsV2<S> {
     svc: Arc<Healthy<S>>,
     version: StatusVersion,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<S> KmsV2<S> {
     /// Serves `svc`, answering Status with `version`.
     pub fn new(svc: Arc<Healthy<S>>, version: StatusVersion) -> Self {
-        Self { svc, version }
+        Self {
+            svc,
+            version,
+            metrics: None,
+        }
+    }
+
+    /// Counts and times every call in `metrics`.
+    #[must_use]
+    pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics: Some(metrics),
+            ..self
+        }
     }
 }
 
 #[tonic::async_trait]
 impl<S: KeyService> v2::key_management_service_server::KeyManagementService for KmsV2<S> {
     async fn status(&self, _: Request<v2::StatusRequest>) -> Result<Response<v2::StatusResponse>, Status> {
-        let health = self.svc.health().await;
-        Ok(Response::new(v2::StatusResponse {
-            version: self.version.as_str().into(),
-            healthz: health.healthz,
-            key_id: health.key_id,
-        }))
+        counted(self.metrics.as_deref(), Service::V2, Method::Status, async {
+            let health = self.svc.health().await;
+            Ok(Response::new(v2::StatusResponse {
+                version: self.version.as_str().into(),
+                healthz: health.healthz,
+                key_id: health.key_id,
+            }))
+        })
+        .await
     }
 
     async fn decrypt(
         &self,
         request: Request<v2::DecryptRequest>,
     ) -> Result<Response<v2::DecryptResponse>, Status> {
-        let req = request.into_inner();
-        let encrypted = Encrypted {
-            ciphertext: req.ciphertext,
-            key_id: req.key_id,
-            annotations: req.annotations.into_iter().collect(),
-        };
-        let plain = self.svc.decrypt(&req.uid, &encrypted).await?;
-        Ok(Response::new(v2::DecryptResponse {
-            plaintext: plain.expose_secret().to_vec(),
-        }))
+        counted(self.metrics.as_deref(), Service::V2, Method::Decrypt, async {
+            let req = request.into_inner();
+            let encrypted = Encrypted {
+                ciphertext: req.ciphertext,
+                key_id: req.key_id,
+                annotations: req.annotations.into_iter().collect(),
+            };
+            let plain = self.svc.decrypt(&req.uid, &encrypted).await?;
+            Ok(Response::new(v2::DecryptResponse {
+                plaintext: plain.expose_secret().to_vec(),
+            }))
+        })
+        .await
     }
 
     async fn encrypt(
         &self,
         request: Request<v2::EncryptRequest>,
     ) -> Result<Response<v2::EncryptResponse>, Status> {
-        let req = request.into_inner();
-        // Moved, not copied: the seed is zeroized when the secret drops.
-        let plaintext = SecretSlice::from(req.plaintext);
-        let out = self.svc.encrypt(&req.uid, &plaintext).await?;
-        Ok(Response::new(v2::EncryptResponse {
-            ciphertext: out.ciphertext,
-            key_id: out.key_id,
-            annotations: out.annotations.into_iter().collect(),
-        }))
+        counted(self.metrics.as_deref(), Service::V2, Method::Encrypt, async {
+            let req = request.into_inner();
+            // Moved, not copied: the seed is zeroized when the secret drops.
+            let plaintext = SecretSlice::from(req.plaintext);
+            let out = self.svc.encrypt(&req.uid, &plaintext).await?;
+            Ok(Response::new(v2::EncryptResponse {
+                ciphertext: out.ciphertext,
+                key_id: out.key_id,
+                annotations: out.annotations.into_iter().collect(),
+            }))
+        })
+        .await
     }
 }
 
@@ -98,12 +138,22 @@ impl<S: KeyService> v2::key_management_service_server::KeyManagementService for 
 /// travel inside the `cipher` bytes as a [`WrappedKey`].
 pub struct KmsV1<S> {
     svc: Arc<Healthy<S>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<S> KmsV1<S> {
     /// Serves `svc` to KMS v1 clients.
     pub fn new(svc: Arc<Healthy<S>>) -> Self {
-        Self { svc }
+        Self { svc, metrics: None }
+    }
+
+    /// Counts and times every call in `metrics`.
+    #[must_use]
+    pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics: Some(metrics),
+            ..self
+        }
     }
 }
 
@@ -148,41 +198,65 @@ impl<S: KeyService> v1beta1::key_management_service_server::KeyManagementService
         &self,
         request: Request<v1beta1::VersionRequest>,
     ) -> Result<Response<v1beta1::VersionResponse>, Status> {
-        check_v1_version(&request.into_inner().version)?;
-        Ok(Response::new(v1beta1::VersionResponse {
-            version: V1_VERSION.into(),
-            runtime_name: "kleidi".into(),
-            runtime_version: env!("CARGO_PKG_VERSION").into(),
-        }))
+        counted(
+            self.metrics.as_deref(),
+            Service::V1beta1,
+            Method::Version,
+            async {
+                check_v1_version(&request.into_inner().version)?;
+                Ok(Response::new(v1beta1::VersionResponse {
+                    version: V1_VERSION.into(),
+                    runtime_name: "kleidi".into(),
+                    runtime_version: env!("CARGO_PKG_VERSION").into(),
+                }))
+            },
+        )
+        .await
     }
 
     async fn decrypt(
         &self,
         request: Request<v1beta1::DecryptRequest>,
     ) -> Result<Response<v1beta1::DecryptResponse>, Status> {
-        let req = request.into_inner();
-        check_v1_version(&req.version)?;
-        let encrypted = decode_v1_cipher(&req.cipher)?;
-        let uid = uuid::Uuid::new_v4().to_string();
-        let plain = self.svc.decrypt(&uid, &encrypted).await?;
-        Ok(Response::new(v1beta1::DecryptResponse {
-            plain: plain.expose_secret().to_vec(),
-        }))
+        counted(
+            self.metrics.as_deref(),
+            Service::V1beta1,
+            Method::Decrypt,
+            async {
+                let req = request.into_inner();
+                check_v1_version(&req.version)?;
+                let encrypted = decode_v1_cipher(&req.cipher)?;
+                let uid = uuid::Uuid::new_v4().to_string();
+                let plain = self.svc.decrypt(&uid, &encrypted).await?;
+                Ok(Response::new(v1beta1::DecryptResponse {
+                    plain: plain.expose_secret().to_vec(),
+                }))
+            },
+        )
+        .await
     }
 
     async fn encrypt(
         &self,
         request: Request<v1beta1::EncryptRequest>,
     ) -> Result<Response<v1beta1::EncryptResponse>, Status> {
-        let req = request.into_inner();
-        check_v1_version(&req.version)?;
-        let plaintext = SecretSlice::from(req.plain);
-        // v1 requests carry no uid; one is made up so the log lines of a call can be correlated.
-        let uid = uuid::Uuid::new_v4().to_string();
-        let out = self.svc.encrypt(&uid, &plaintext).await?;
-        Ok(Response::new(v1beta1::EncryptResponse {
-            cipher: encode_v1_cipher(out),
-        }))
+        counted(
+            self.metrics.as_deref(),
+            Service::V1beta1,
+            Method::Encrypt,
+            async {
+                let req = request.into_inner();
+                check_v1_version(&req.version)?;
+                let plaintext = SecretSlice::from(req.plain);
+                // v1 requests carry no uid; one is made up so the log lines of a call can be correlated.
+                let uid = uuid::Uuid::new_v4().to_string();
+                let out = self.svc.encrypt(&uid, &plaintext).await?;
+                Ok(Response::new(v1beta1::EncryptResponse {
+                    cipher: encode_v1_cipher(out),
+                }))
+            },
+        )
+        .await
     }
 }
 

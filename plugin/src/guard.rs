@@ -5,13 +5,15 @@
 //! (escaped and cut: the client chose them), sizes, outcome class and time.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretSlice};
 
 use crate::logging::Client;
-use crate::service::{Annotations, Encrypted, KeyService};
+use crate::metrics::{Metrics, Op};
+use crate::service::{Annotations, Credential, Encrypted, KeyService};
 use crate::{Error, Result};
 
 /// Largest plaintext accepted for Encrypt. The apiserver sends 32-byte seeds (v2) and DEKs (v1);
@@ -26,22 +28,42 @@ pub const MAX_ANNOTATIONS: usize = 32 * 1024;
 /// Smallest plaintext accepted for Encrypt: anything shorter is not a key.
 pub const MIN_PLAINTEXT: usize = 1;
 
-/// Wraps a [`KeyService`] with time bounds, input limits, response checks and call logging.
+/// Wraps a [`KeyService`] with time bounds, input limits, response checks and call logging, and
+/// counts every backend call (probes included: they pass here too) when given [`Metrics`].
 pub struct Guarded<S> {
     inner: S,
     call_timeout: Duration,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<S: KeyService> Guarded<S> {
     /// Bounds every backend call by `call_timeout`.
     pub fn new(inner: S, call_timeout: Duration) -> Self {
-        Self { inner, call_timeout }
+        Self {
+            inner,
+            call_timeout,
+            metrics: None,
+        }
     }
 
-    async fn bounded<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
-        tokio::time::timeout(self.call_timeout, call)
+    /// Counts and times each backend call (and the check of its answer) in `metrics`.
+    #[must_use]
+    pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics: Some(metrics),
+            ..self
+        }
+    }
+
+    async fn bounded<T>(&self, op: Op, call: impl Future<Output = Result<T>>) -> Result<T> {
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.call_timeout, call)
             .await
-            .unwrap_or(Err(Error::Timeout(self.call_timeout)))
+            .unwrap_or(Err(Error::Timeout(self.call_timeout)));
+        if let Some(metrics) = &self.metrics {
+            metrics.backend(self.inner.name(), op, started.elapsed(), &result);
+        }
+        result
     }
 }
 
@@ -55,6 +77,10 @@ impl<S: KeyService> KeyService for Guarded<S> {
         self.inner.key_id_reaches_backend()
     }
 
+    fn credential_expiry(&self) -> Vec<(Credential, f64)> {
+        self.inner.credential_expiry()
+    }
+
     async fn encrypt(&self, uid: &str, plaintext: &SecretSlice<u8>) -> Result<Encrypted> {
         let started = Instant::now();
         let len = plaintext.expose_secret().len();
@@ -64,9 +90,14 @@ impl<S: KeyService> KeyService for Guarded<S> {
                     "plaintext is {len} bytes; expected {MIN_PLAINTEXT} to {MAX_PLAINTEXT}"
                 )));
             }
-            let out = self.bounded(self.inner.encrypt(uid, plaintext)).await?;
-            check_encrypted(&out).map_err(|why| Error::Backend(format!("encrypt answer rejected: {why}")))?;
-            Ok(out)
+            // The answer's check is part of the call: a backend that lies counts as failing.
+            self.bounded(Op::Encrypt, async {
+                let out = self.inner.encrypt(uid, plaintext).await?;
+                check_encrypted(&out)
+                    .map_err(|why| Error::Backend(format!("encrypt answer rejected: {why}")))?;
+                Ok(out)
+            })
+            .await
         }
         .await;
         let ms = started.elapsed().as_millis();
@@ -86,11 +117,14 @@ impl<S: KeyService> KeyService for Guarded<S> {
         let started = Instant::now();
         let result = async {
             check_encrypted(encrypted).map_err(|why| Error::BadCiphertext(why.to_string()))?;
-            let plain = self.bounded(self.inner.decrypt(uid, encrypted)).await?;
-            if plain.expose_secret().is_empty() {
-                return Err(Error::Backend("decrypt returned an empty plaintext".into()));
-            }
-            Ok(plain)
+            self.bounded(Op::Decrypt, async {
+                let plain = self.inner.decrypt(uid, encrypted).await?;
+                if plain.expose_secret().is_empty() {
+                    return Err(Error::Backend("decrypt returned an empty plaintext".into()));
+                }
+                Ok(plain)
+            })
+            .await
         }
         .await;
         let ms = started.elapsed().as_millis();
@@ -107,14 +141,17 @@ impl<S: KeyService> KeyService for Guarded<S> {
     }
 
     async fn current_key_id(&self) -> Result<String> {
-        let key_id = self.bounded(self.inner.current_key_id()).await?;
-        if key_id.is_empty() || key_id.len() > MAX_KEY_ID {
-            return Err(Error::Backend(format!(
-                "current key_id is {} bytes",
-                key_id.len()
-            )));
-        }
-        Ok(key_id)
+        self.bounded(Op::CurrentKeyId, async {
+            let key_id = self.inner.current_key_id().await?;
+            if key_id.is_empty() || key_id.len() > MAX_KEY_ID {
+                return Err(Error::Backend(format!(
+                    "current key_id is {} bytes",
+                    key_id.len()
+                )));
+            }
+            Ok(key_id)
+        })
+        .await
     }
 }
 

@@ -35,7 +35,8 @@ use async_trait::async_trait;
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretSlice};
 
-use crate::service::{Encrypted, KeyService};
+use crate::metrics::{self, Observed};
+use crate::service::{Credential, Encrypted, KeyService};
 use crate::{Error, Result};
 
 /// How long a probe result is trusted.
@@ -169,17 +170,7 @@ impl<S: KeyService> Healthy<S> {
         if let Some(health) = shared.cached(true) {
             return health;
         }
-        let started_here = match Arc::clone(&shared.probing).try_lock_owned() {
-            Ok(guard) => {
-                let probe = Arc::clone(shared);
-                tokio::spawn(async move {
-                    let _guard = guard;
-                    probe.run_probe().await;
-                });
-                true
-            }
-            Err(_) => false,
-        };
+        let started_here = shared.start_probe();
         match shared.cached(false) {
             Some(earlier) if !started_here => earlier,
             Some(earlier) => {
@@ -204,6 +195,21 @@ impl<S: KeyService> Healthy<S> {
 }
 
 impl<S: KeyService> Shared<S> {
+    /// Starts a probe as a task of its own unless one is running; whether this call started it.
+    fn start_probe(self: &Arc<Self>) -> bool {
+        match Arc::clone(&self.probing).try_lock_owned() {
+            Ok(guard) => {
+                let probe = Arc::clone(self);
+                tokio::spawn(metrics::as_probe(async move {
+                    let _guard = guard;
+                    probe.run_probe().await;
+                }));
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     async fn run_probe(&self) {
         let doubted = self.suspect.swap(false, Ordering::AcqRel);
         let healthy = lock(&self.last).as_ref().is_some_and(|v| v.failure.is_none());
@@ -357,6 +363,10 @@ impl<S: KeyService> KeyService for Healthy<S> {
         self.shared.inner.key_id_reaches_backend()
     }
 
+    fn credential_expiry(&self) -> Vec<(Credential, f64)> {
+        self.shared.inner.credential_expiry()
+    }
+
     async fn encrypt(&self, uid: &str, plaintext: &SecretSlice<u8>) -> Result<Encrypted> {
         let shared = &self.shared;
         let result = shared.inner.encrypt(uid, plaintext).await;
@@ -385,6 +395,30 @@ impl<S: KeyService> KeyService for Healthy<S> {
         let result = self.shared.inner.current_key_id().await;
         self.shared.observe(&result);
         result
+    }
+}
+
+/// What the metrics scrape and `/readyz` read: the cache as it is, plus Status's own refresh.
+impl<S: KeyService> Observed for Healthy<S> {
+    fn verdict(&self) -> Option<metrics::Verdict> {
+        lock(&self.shared.last).as_ref().map(|v| metrics::Verdict {
+            failure: v.failure.clone(),
+            age: v.at.elapsed(),
+        })
+    }
+
+    fn refresh(&self) {
+        if self.shared.cached(true).is_none() {
+            self.shared.start_probe();
+        }
+    }
+
+    fn key_id(&self) -> String {
+        self.shared.known_key_id()
+    }
+
+    fn credentials(&self) -> Vec<(Credential, f64)> {
+        self.shared.inner.credential_expiry()
     }
 }
 

@@ -17,6 +17,7 @@ pub mod grpc;
 pub mod guard;
 pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod process;
 pub mod server;
 pub mod service;

@@ -9,6 +9,7 @@ use kleidi::config::{Cli, Command, Pkcs11Command, RuntimeKind, ServeArgs};
 use kleidi::grpc::{KmsV1, KmsV2};
 use kleidi::guard::Guarded;
 use kleidi::health::Healthy;
+use kleidi::metrics::{self, Metrics, Observed};
 use kleidi::proto::{v1beta1, v2};
 use kleidi::server::{ConnLimits, Listener};
 use kleidi::{KeyService, backend};
@@ -60,22 +61,42 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> kleidi::Result<()> {
+    // Bound first, so a refused or busy --metrics-addr stops the start before the backend is touched.
+    let metrics_listener = match args.metrics_addr {
+        Some(addr) => Some(metrics::http::bind(addr, args.metrics_allow_non_loopback).await?),
+        None => None,
+    };
+    let metrics = metrics_listener.as_ref().map(|_| Arc::new(Metrics::new()));
     let backend: Arc<dyn KeyService> = backend::build(&args).await?;
-    let svc = Arc::new(Healthy::new(
-        Guarded::new(backend, args.call_timeout),
-        args.health_ttl(),
-    ));
-    let v2 = v2::key_management_service_server::KeyManagementServiceServer::new(KmsV2::new(
-        svc.clone(),
-        args.status_version,
-    ))
-    .max_decoding_message_size(MAX_MESSAGE);
-    let v1 = v1beta1::key_management_service_server::KeyManagementServiceServer::new(KmsV1::new(svc.clone()))
+    let mut guarded = Guarded::new(backend, args.call_timeout);
+    if let Some(m) = &metrics {
+        guarded = guarded.with_metrics(Arc::clone(m));
+    }
+    let svc = Arc::new(Healthy::new(guarded, args.health_ttl()));
+    let mut kms_v2 = KmsV2::new(svc.clone(), args.status_version);
+    let mut kms_v1 = KmsV1::new(svc.clone());
+    if let Some(m) = &metrics {
+        kms_v2 = kms_v2.with_metrics(Arc::clone(m));
+        kms_v1 = kms_v1.with_metrics(Arc::clone(m));
+    }
+    let v2 = v2::key_management_service_server::KeyManagementServiceServer::new(kms_v2)
+        .max_decoding_message_size(MAX_MESSAGE);
+    let v1 = v1beta1::key_management_service_server::KeyManagementServiceServer::new(kms_v1)
         .max_decoding_message_size(MAX_MESSAGE);
     let listener = Listener::bind(&args.listen, args.socket_mode)?.with_limits(ConnLimits {
         max_connections: usize::from(args.max_connections),
         idle_timeout: args.idle_timeout,
     });
+    // Its own task: it never holds up the socket, and ends with the process; /readyz says
+    // "no health verdict yet" until the probe below has one.
+    if let (Some(tcp), Some(m)) = (metrics_listener, &metrics) {
+        let state: Arc<dyn Observed> = svc.clone();
+        let registry = m.registry(Arc::clone(&state));
+        let readiness = metrics::http::Readiness {
+            max_age: args.ready_max_age(),
+        };
+        tokio::spawn(metrics::http::serve(tcp, registry, state, readiness));
+    }
     // Probe once before the first poll, so the log says at startup whether the backend works.
     let health = svc.health().await;
     tracing::info!(healthz = %health.healthz, key_id = %health.key_id, "initial health");

@@ -53,6 +53,21 @@ pub trait KeyService: Send + Sync + 'static {
     fn key_id_reaches_backend(&self) -> bool {
         true
     }
+
+    /// Seconds until each expiring credential the backend holds expires (negative once expired),
+    /// for metrics; read from state the backend already keeps, never a backend call. Default: none.
+    fn credential_expiry(&self) -> Vec<(Credential, f64)> {
+        Vec::new()
+    }
+}
+
+/// A backend credential whose lifetime kleidi knows.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Credential {
+    /// The Vault/OpenBao token kleidi calls with (its lease).
+    VaultToken,
+    /// The TLS client certificate (`--vault-client-cert`; its notAfter).
+    ClientCertificate,
 }
 
 #[async_trait]
@@ -71,5 +86,8 @@ impl<T: KeyService + ?Sized> KeyService for Arc<T> {
     }
     fn key_id_reaches_backend(&self) -> bool {
         (**self).key_id_reaches_backend()
+    }
+    fn credential_expiry(&self) -> Vec<(Credential, f64)> {
+        (**self).credential_expiry()
     }
 }

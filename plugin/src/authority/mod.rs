@@ -37,6 +37,7 @@ mod hpack;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -45,6 +46,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use hpack::Table;
+
+/// `:authority` values replaced on every connection of this process, for metrics.
+static REWRITTEN_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+/// How many `:authority` values this process has replaced, over all connections.
+pub fn rewritten_total() -> u64 {
+    REWRITTEN_TOTAL.load(Ordering::Relaxed)
+}
 
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER_LEN: usize = 9;
@@ -277,7 +286,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                 return Poll::Ready(Ok(()));
             }
             let input = this.scratch.get(..n).unwrap_or_default();
-            if let Err(message) = this.parser.feed(input, &mut this.out) {
+            let before = this.parser.table.rewritten;
+            let fed = this.parser.feed(input, &mut this.out);
+            let rewritten = this.parser.table.rewritten.saturating_sub(before);
+            if rewritten > 0 {
+                REWRITTEN_TOTAL.fetch_add(rewritten, Ordering::Relaxed);
+            }
+            if let Err(message) = fed {
                 return Poll::Ready(Err(this.fail(message)));
             }
             // The input may have produced nothing yet (a header block in progress): read more

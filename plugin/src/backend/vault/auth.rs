@@ -386,6 +386,19 @@ impl Session {
         }
     }
 
+    /// Seconds until the current token's lease ends (negative once it has), if it has a token
+    /// with a lease: for metrics only, read from the state, never asking Vault.
+    pub(super) fn token_expires_in(&self) -> Option<f64> {
+        let state = self.lock();
+        state.token.as_ref()?;
+        let end = state.refreshed? + state.lease?;
+        let now = Instant::now();
+        Some(match end.checked_duration_since(now) {
+            Some(left) => left.as_secs_f64(),
+            None => -now.duration_since(end).as_secs_f64(),
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding this lock cannot leave the state half-written in a harmful way
         // (every field is replaced whole), so a poisoned lock is used as is.

@@ -24,6 +24,7 @@
 mod api;
 mod auth;
 mod batch;
+mod cert;
 mod client;
 
 pub use self::auth::SERVICE_ACCOUNT_TOKEN;
@@ -45,7 +46,7 @@ pub use self::client::DEFAULT_CALL_BUDGET;
 use self::client::{BoxFut, Call, Nodes, Op, clone_error};
 use super::FORMAT_ANNOTATION;
 use crate::config::VaultArgs;
-use crate::service::{Annotations, Encrypted, KeyService};
+use crate::service::{Annotations, Credential, Encrypted, KeyService};
 use crate::{Error, Result};
 
 /// The value of [`FORMAT_ANNOTATION`]: transit ciphertext bound to the key_id by associated data.
@@ -80,6 +81,8 @@ struct Inner {
     inflight: Mutex<HashMap<FlightKey, Flight>>,
     /// Decrypts of different ciphertexts waiting to go to Vault together.
     queue: Mutex<batch::Queue>,
+    /// `--vault-client-cert`, for its notAfter in metrics.
+    client_cert: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone)]
@@ -120,6 +123,7 @@ impl VaultBackend {
             current: Mutex::new(None),
             inflight: Mutex::new(HashMap::new()),
             queue: Mutex::new(batch::Queue::default()),
+            client_cert: args.vault_client_cert.clone(),
         });
         match tokio::time::timeout(CONNECT_BOUND, inner.current_key_id()).await {
             Ok(Ok(key_id)) => {
@@ -288,6 +292,21 @@ impl Inner {
 impl KeyService for VaultBackend {
     fn name(&self) -> &'static str {
         "vault"
+    }
+
+    fn credential_expiry(&self) -> Vec<(Credential, f64)> {
+        let token = self
+            .inner
+            .session
+            .token_expires_in()
+            .map(|left| (Credential::VaultToken, left));
+        let cert = self
+            .inner
+            .client_cert
+            .as_deref()
+            .and_then(cert::expires_in)
+            .map(|left| (Credential::ClientCertificate, left));
+        token.into_iter().chain(cert).collect()
     }
 
     async fn encrypt(&self, _uid: &str, plaintext: &SecretSlice<u8>) -> Result<Encrypted> {
