@@ -34,9 +34,17 @@ demo: deps
     target/debug/kleidi-harness demo
 
 # Every test that needs no Docker engine: plugin, harness, and the fast scenarios (each ≤ 30 s of
-# load) on the process runtime; scenarios that need containers say SKIPPED and why.
+# load) on the process runtime; scenarios that need containers say SKIPPED and why. Then 10 s of
+# every fuzz target from its committed corpus.
 test: deps
     KLEIDI_RUNTIME="${KLEIDI_RUNTIME:-process}" cargo test --workspace --locked
+    just fuzz 10
+
+# libFuzzer on every parser a client or a stored value reaches (plugin/fuzz, harness/fuzz), SECONDS
+# per target, from a copy of the committed corpora; fails on a crash, a timeout or RSS over 512 MiB.
+# `FUZZ_TARGETS="authority_h2 v1_cipher" just fuzz 600` runs some; FUZZ_WORK=dir keeps what grew.
+fuzz seconds="60":
+    plugin/fuzz/run.sh {{seconds}}
 
 # Everything: `just test` plus the slow suites and scenarios (#[ignore]d there), one 5-minute
 # randomized nemesis run (its backend drawn from the seed) and the images; what CI runs. Scenarios

@@ -169,3 +169,49 @@ pub mod proto {
         tonic::include_proto!("kleidi.v1beta1");
     }
 }
+
+/// Entry points for fuzz/ only; not API. The parsers of bytes a client or a stored value controls
+/// that live in private backend modules, re-exported (or, where their types are private, wrapped)
+/// so the fuzz targets call exactly what a decrypt runs. Everything else they need is public.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The PKCS#11 backend's key_ids and ciphertext layout.
+    #[cfg(feature = "pkcs11")]
+    pub mod pkcs11 {
+        pub use crate::backend::pkcs11::format::{key_id_for, parse_key_id, split_ciphertext};
+    }
+
+    /// The TPM backend's key_ids, ciphertext (a sealed object) and the object encoding its state
+    /// directory stores.
+    #[cfg(feature = "tpm")]
+    pub mod tpm {
+        pub use crate::backend::tpm::format::{Blob, key_id, open_ciphertext, parse_key_id, sealed_template};
+    }
+
+    /// The Vault backend's checks before a decrypt reaches Vault, and its reading of transit's
+    /// batch-decrypt answer.
+    #[cfg(feature = "vault")]
+    pub mod vault {
+        use crate::backend::vault::{api, batch};
+        use crate::service::Encrypted;
+        use crate::{Error, Result};
+
+        /// The transit ciphertext a decrypt would send, or why it is refused; `key_id_prefix` is
+        /// `vault:<mount>/<key>:v`.
+        pub fn check_decrypt(key_id_prefix: &str, encrypted: &Encrypted) -> Result<String> {
+            crate::backend::vault::check_decrypt(key_id_prefix, encrypted)
+        }
+
+        /// The `data` of a batch-decrypt answer read as kleidi reads it: each item's plaintext
+        /// length, or why it failed.
+        pub fn batch_answer(json: &[u8]) -> Result<Vec<Result<usize>>> {
+            let answer: api::BatchPlaintexts =
+                serde_json::from_slice(json).map_err(|e| Error::Backend(e.to_string()))?;
+            Ok(answer
+                .batch_results
+                .into_iter()
+                .map(|r| batch::plaintext_of(r).map(|p| secrecy::ExposeSecret::expose_secret(&*p).len()))
+                .collect())
+        }
+    }
+}

@@ -146,7 +146,7 @@ pub fn classify(value: &[u8]) -> Class {
         return classify_kms_v2(rest);
     }
     let named = |rest: &[u8], what: &str, make: fn(String) -> Class| match split_name(rest) {
-        Some(name) => make(name),
+        Some((name, _)) => make(name),
         None => Class::Unknown {
             reason: format!("{what} prefix without a name and ':'"),
         },
@@ -177,20 +177,22 @@ pub fn classify(value: &[u8]) -> Class {
     }
 }
 
-/// The name before the next `:` (provider and key names cannot contain one).
-fn split_name(rest: &[u8]) -> Option<String> {
+/// The name before the next `:` (provider and key names cannot contain one), and what follows that
+/// `:`. The rest is cut by byte position, not by the name's text, which is longer where a byte is
+/// not UTF-8 (U+FFFD takes three).
+fn split_name(rest: &[u8]) -> Option<(String, &[u8])> {
     let end = rest.iter().position(|b| *b == b':')?;
     let name = rest.get(..end).filter(|n| !n.is_empty())?;
-    Some(String::from_utf8_lossy(name).into_owned())
+    let after = rest.get(end + 1..).unwrap_or_default();
+    Some((String::from_utf8_lossy(name).into_owned(), after))
 }
 
 fn classify_kms_v2(rest: &[u8]) -> Class {
-    let Some(provider) = split_name(rest) else {
+    let Some((provider, body)) = split_name(rest) else {
         return Class::Unknown {
             reason: "kms v2 prefix without a provider name and ':'".into(),
         };
     };
-    let body = rest.get(provider.len() + 1..).unwrap_or_default();
     let object = match EncryptedObject::decode(body) {
         Ok(object) => object,
         Err(e) => {
@@ -378,6 +380,24 @@ mod tests {
     #[case(b"k8s:enc:rot13:v1:x:", "unknown")]
     fn values_are_classified_by_prefix(#[case] value: &[u8], #[case] label: &str) {
         assert_eq!(classify(value).label(), label);
+    }
+
+    /// Found by fuzz/etcd_value: the object was read from the lossy name's length on, so a
+    /// provider byte that is not UTF-8 shifted it and the value was reported as undecodable.
+    #[test]
+    fn a_provider_name_that_is_not_utf8_does_not_shift_the_object() {
+        let object = EncryptedObject {
+            encrypted_data: vec![1],
+            key_id: "k".into(),
+            encrypted_dek_source: vec![2],
+            ..Default::default()
+        };
+        let mut value = b"k8s:enc:kms:v2:\xff:".to_vec();
+        value.extend(encrypted_object::marshal(&object));
+        let Class::KmsV2(v) = classify(&value) else {
+            panic!("{:?}", classify(&value));
+        };
+        assert_eq!((v.provider.as_str(), v.key_id.as_str()), ("\u{fffd}", "k"));
     }
 
     #[test]

@@ -67,7 +67,7 @@ pub(super) fn text_pin(pin: &[u8], what: &str) -> Result<AuthPin> {
 }
 
 /// `pkcs11:<label>:<hex CKA_ID>`; refuses keys without a CKA_ID.
-pub(super) fn key_id_for(label: &str, id: Option<&[u8]>) -> Result<String> {
+pub fn key_id_for(label: &str, id: Option<&[u8]>) -> Result<String> {
     let id = match id {
         Some(id) if !id.is_empty() => id,
         _ => {
@@ -90,14 +90,14 @@ pub(super) fn key_id_for(label: &str, id: Option<&[u8]>) -> Result<String> {
 
 /// Splits a key_id into label and CKA_ID (on the last ':'); `None` unless it is exactly what
 /// [`key_id_for`] produces.
-pub(super) fn parse_key_id(key_id: &str) -> Option<(&str, Vec<u8>)> {
+pub fn parse_key_id(key_id: &str) -> Option<(&str, Vec<u8>)> {
     let (label, hex_id) = key_id.strip_prefix(KEY_ID_PREFIX)?.rsplit_once(':')?;
     let id = hex::decode(hex_id).ok()?;
     (!label.is_empty() && !id.is_empty() && hex::encode(&id) == hex_id).then_some((label, id))
 }
 
 /// Checks the annotation and the layout; returns the IV and the GCM ciphertext ‖ tag.
-pub(super) fn split_ciphertext<'c>(
+pub fn split_ciphertext<'c>(
     annotations: &Annotations,
     ciphertext: &'c [u8],
 ) -> Result<([u8; IV_LEN], &'c [u8])> {

@@ -44,7 +44,7 @@
 //! (ciphertext layout, key_ids, PIN files); `init` is `kleidi pkcs11 init`.
 
 mod errors;
-mod format;
+pub(crate) mod format;
 mod init;
 mod keys;
 mod module;

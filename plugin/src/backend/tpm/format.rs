@@ -30,7 +30,9 @@ const NAME_ALG: [u8; 2] = [0x00, 0x0b];
 /// and the private area, which the TPM encrypted and integrity-protected under the parent.
 #[derive(Clone)]
 pub struct Blob {
+    /// The public area (TPMT_PUBLIC).
     pub public: Public,
+    /// The private area as the TPM encrypted it (TPM2B_PRIVATE's buffer).
     pub private: Private,
 }
 

@@ -41,7 +41,7 @@
 mod approval;
 mod device;
 mod errors;
-mod format;
+pub(crate) mod format;
 mod share;
 mod state;
 

@@ -130,14 +130,14 @@ pub(super) struct BatchItem {
 
 /// Transit's answer to a batch decrypt.
 #[derive(Deserialize)]
-pub(super) struct BatchPlaintexts {
+pub(crate) struct BatchPlaintexts {
     /// One result per item, in order.
     pub batch_results: Vec<BatchResult>,
 }
 
 /// One item's base64 plaintext (a secret from the moment it is parsed), or why it failed.
 #[derive(Deserialize)]
-pub(super) struct BatchResult {
+pub(crate) struct BatchResult {
     /// Base64 of the seed; absent or empty when the item failed.
     #[serde(default, deserialize_with = "optional_secret")]
     pub plaintext: Option<SecretString>,

@@ -231,7 +231,7 @@ impl Inner {
 }
 
 /// One batch item's answer, classified as a single decrypt's would be.
-fn plaintext_of(result: api::BatchResult) -> Result<Arc<SecretSlice<u8>>> {
+pub(crate) fn plaintext_of(result: api::BatchResult) -> Result<Arc<SecretSlice<u8>>> {
     match result.plaintext {
         Some(plaintext) if result.error.is_empty() => decode(&plaintext),
         _ if result.error.to_ascii_lowercase().contains("key not found") => Err(Error::Unavailable {

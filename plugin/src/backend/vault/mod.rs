@@ -21,9 +21,9 @@
 //! Talking to Vault (TLS, failover, error classes) lives in `client`, logging in and token renewal
 //! in `auth`, the raw transit endpoints in `api`, decrypt batching in `batch`.
 
-mod api;
+pub(crate) mod api;
 mod auth;
-mod batch;
+pub(crate) mod batch;
 mod cert;
 mod client;
 
@@ -267,25 +267,43 @@ impl Inner {
     fn key_id_prefix(&self) -> String {
         format!("vault:{}/{}:v", self.mount, self.key)
     }
+}
 
-    /// The version a key_id names, if it names this backend's key; anything else is not ours.
-    fn version_of(&self, key_id: &str) -> Result<u64> {
-        let rest = key_id.strip_prefix(&self.key_id_prefix()).ok_or_else(|| {
+/// What decrypt checks before any Vault call: this backend's format annotation, a key_id naming a
+/// version of its key (`key_id_prefix` is `Inner::key_id_prefix`), and a transit ciphertext of
+/// that version. Returns the ciphertext as transit takes it. Pure, so fuzz/ can reach it.
+pub(crate) fn check_decrypt(key_id_prefix: &str, encrypted: &Encrypted) -> Result<String> {
+    match encrypted.annotations.get(FORMAT_ANNOTATION) {
+        Some(format) if format.as_slice() == FORMAT.as_bytes() => {}
+        _ => return Err(Error::BadCiphertext(format!("not in format {FORMAT}"))),
+    }
+    let version = version_of(key_id_prefix, &encrypted.key_id)?;
+    std::str::from_utf8(&encrypted.ciphertext)
+        .ok()
+        .filter(|c| c.starts_with(&format!("vault:v{version}:")))
+        .map(str::to_string)
+        .ok_or_else(|| {
+            Error::BadCiphertext("ciphertext is not a transit ciphertext of the key_id's version".into())
+        })
+}
+
+/// The version a key_id names, if it names this backend's key; anything else is not ours.
+fn version_of(key_id_prefix: &str, key_id: &str) -> Result<u64> {
+    let rest = key_id.strip_prefix(key_id_prefix).ok_or_else(|| {
+        Error::BadCiphertext(format!(
+            "key_id \"{}\" names another key",
+            crate::logging::Client(key_id)
+        ))
+    })?;
+    rest.split_once(':')
+        .and_then(|(version, tag)| (tag.len() == 8).then_some(version))
+        .and_then(|version| version.parse().ok())
+        .ok_or_else(|| {
             Error::BadCiphertext(format!(
-                "key_id \"{}\" names another key",
+                "key_id \"{}\" is malformed",
                 crate::logging::Client(key_id)
             ))
-        })?;
-        rest.split_once(':')
-            .and_then(|(version, tag)| (tag.len() == 8).then_some(version))
-            .and_then(|version| version.parse().ok())
-            .ok_or_else(|| {
-                Error::BadCiphertext(format!(
-                    "key_id \"{}\" is malformed",
-                    crate::logging::Client(key_id)
-                ))
-            })
-    }
+        })
 }
 
 #[async_trait]
@@ -349,18 +367,7 @@ impl KeyService for VaultBackend {
 
     async fn decrypt(&self, _uid: &str, encrypted: &Encrypted) -> Result<SecretSlice<u8>> {
         let inner = &self.inner;
-        match encrypted.annotations.get(FORMAT_ANNOTATION) {
-            Some(format) if format.as_slice() == FORMAT.as_bytes() => {}
-            _ => return Err(Error::BadCiphertext(format!("not in format {FORMAT}"))),
-        }
-        let version = inner.version_of(&encrypted.key_id)?;
-        let ciphertext = std::str::from_utf8(&encrypted.ciphertext)
-            .ok()
-            .filter(|c| c.starts_with(&format!("vault:v{version}:")))
-            .ok_or_else(|| {
-                Error::BadCiphertext("ciphertext is not a transit ciphertext of the key_id's version".into())
-            })?
-            .to_string();
+        let ciphertext = check_decrypt(&inner.key_id_prefix(), encrypted)?;
         let flight = FlightGuard::join(inner, (encrypted.key_id.clone(), encrypted.ciphertext.clone()));
         let shared = flight
             .cell
