@@ -47,7 +47,8 @@ fuzz seconds="60":
     plugin/fuzz/run.sh {{seconds}}
 
 # Everything: `just test` plus the slow suites and scenarios (#[ignore]d there), one 5-minute
-# randomized nemesis run (its backend drawn from the seed) and the images; what CI runs. Scenarios
+# randomized nemesis run (its backend drawn from the seed), the load tests (64 clients × 60 s × 3
+# runs per backend), a 30-minute soak beside all of it, and the images; what CI runs. Scenarios
 # run in containers when a Docker engine answers, else as processes; KLEIDI_RUNTIME=process|container
 # forces one.
 e2e: deps
@@ -62,7 +63,17 @@ e2e: deps
     fi
     export KLEIDI_RUNTIME
     echo "e2e: scenarios on the ${KLEIDI_RUNTIME} runtime"
+    # The 30-minute soak (plugin/tests/soak.rs) beside everything else, paced to ~20% of a core;
+    # the foreground run passes over it (it runs only with KLEIDI_SOAK=1). A cargo that is only
+    # running a test binary holds no build lock, so the two do not wait for each other.
+    setsid bash -c 'KLEIDI_SOAK=1 exec cargo test -p kleidi --locked --test soak -- --ignored --nocapture' \
+        > target/soak.log 2>&1 &
+    soak=$!
+    trap 'kill -- -"$soak" 2>/dev/null || true' EXIT
     cargo test --workspace --locked -- --include-ignored
+    just fuzz 10
+    if ! wait "$soak"; then cat target/soak.log; echo "e2e: the soak failed"; exit 1; fi
+    grep -E '^soak (CPU|pkcs11:|vault:|tpm:)' target/soak.log
 
 # The scenarios: `just scenarios` lists them; `just scenarios run NAME [--backend vault]`,
 # `just scenarios all`, `just scenarios random --length 300s`. SCENARIO_SEED=… replays a run.

@@ -21,7 +21,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kleidi::proto::v2;
-use support::{KEK, Kleidi, Token};
+use support::{KEK, Kleidi, Token, status_kib};
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const TYPE_HEADERS: u8 = 0x1;
@@ -136,16 +136,6 @@ fn watch(mut conn: UnixStream, stop_at: impl Fn(u8) -> bool) -> Ended {
     }
 }
 
-/// A /proc/PID/status field in KiB.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 async fn status(k: &Kleidi) -> Result<v2::StatusResponse, tonic::Status> {
     k.v2()
         .await
@@ -234,9 +224,16 @@ async fn served_client(
 ) -> v2::key_management_service_client::KeyManagementServiceClient<tonic::transport::Channel> {
     let started = Instant::now();
     loop {
+        // A connect may be refused too: the slot of a connection kleidi has not yet seen closed
+        // (the start-up readiness probe's, the one just dropped) is free only once it has.
         let attempt = async {
-            let mut client = k.v2().await;
-            client.status(v2::StatusRequest {}).await.map(|_| client)
+            let mut client = v2::key_management_service_client::KeyManagementServiceClient::new(
+                k.try_channel().await.map_err(|e| e.to_string())?,
+            );
+            match client.status(v2::StatusRequest {}).await {
+                Ok(_) => Ok(client),
+                Err(e) => Err(e.to_string()),
+            }
         };
         match attempt.await {
             Ok(client) => return client,

@@ -92,6 +92,11 @@ impl Swtpm {
         }
     }
 
+    /// The swtpm process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: the TPM is gone, its state stays on disk.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

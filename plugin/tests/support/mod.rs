@@ -137,6 +137,29 @@ impl Kleidi {
         kleidi
     }
 
+    /// Starts `kleidi serve` for any backend on `<dir>/<name>.sock`, `args` naming the backend and
+    /// its flags and `env` adding variables (`SOFTHSM2_CONF`); logs at kleidi's default filter, as
+    /// deployed, to `<dir>/<name>.log`. Waits until it accepts connections.
+    pub fn serve(dir: &Path, name: &str, args: &[String], env: &[(&str, PathBuf)]) -> Self {
+        let socket = dir.join(format!("{name}.sock"));
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_kleidi"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("unix://{}", socket.display()))
+            .args(args)
+            .envs(env.iter().cloned())
+            .env_remove("KLEIDI_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let kleidi = Kleidi { child, socket, log };
+        kleidi.wait_ready();
+        kleidi
+    }
+
     pub fn spawn(token: &Token, key: &str, socket: &Path, log: &Path, extra: &[&str]) -> Child {
         Command::new(env!("CARGO_BIN_EXE_kleidi"))
             .arg("serve")
@@ -190,12 +213,16 @@ impl Kleidi {
     }
 
     pub async fn channel(&self) -> Channel {
+        self.try_channel().await.unwrap()
+    }
+
+    /// A connection, or why there is none (e.g. closed at once by `--max-connections`).
+    pub async fn try_channel(&self) -> Result<Channel, tonic::transport::Error> {
         tonic::transport::Endpoint::from_shared(format!("unix:{}", self.socket.display()))
             .unwrap()
             .timeout(Duration::from_secs(3))
             .connect()
             .await
-            .unwrap()
     }
 
     pub async fn v2(&self) -> v2::key_management_service_client::KeyManagementServiceClient<Channel> {
@@ -219,6 +246,16 @@ fn rand_suffix() -> u128 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos()
+}
+
+/// A /proc/PID/status field in KiB (`VmRSS:`, `VmHWM:`).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 /// A random 32-byte seed, as kube-apiserver sends.

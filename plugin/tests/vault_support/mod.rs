@@ -314,6 +314,11 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
         assert!(status.success(), "kill {which} {pid}");
     }
 
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Stops the server (SIGKILL: a crash, not a clean shutdown).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
