@@ -301,6 +301,25 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
     /// as with a hung or partitioned node. Undone by [`Bao::resume`] (and on drop).
     pub fn pause(&self) {
         self.signal("-STOP");
+        // `kill` returns once the signal is queued; the stop lands thread by thread as each is
+        // scheduled. Return only once /proc shows every thread of the server stopped (a running
+        // one could still answer a request sent now: the shutdown test saw exactly that).
+        let tasks = format!("/proc/{}/task", self.pid().expect("a running server"));
+        let stopped = || {
+            std::fs::read_dir(&tasks).ok().is_some_and(|dir| {
+                dir.flatten().all(|task| {
+                    std::fs::read_to_string(task.path().join("stat"))
+                        .ok()
+                        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+                        == Some(true)
+                })
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !stopped() {
+            assert!(Instant::now() < deadline, "bao did not stop");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Lets a paused server run again (SIGCONT); it answers what was sent meanwhile.
