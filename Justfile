@@ -65,8 +65,9 @@ e2e: deps
     echo "e2e: scenarios on the ${KLEIDI_RUNTIME} runtime"
     # The 30-minute soak (plugin/tests/soak.rs) beside everything else, paced to ~20% of a core;
     # the foreground run passes over it (it runs only with KLEIDI_SOAK=1). A cargo that is only
-    # running a test binary holds no build lock, so the two do not wait for each other.
-    setsid bash -c 'KLEIDI_SOAK=1 exec cargo test -p kleidi --locked --test soak -- --ignored --nocapture' \
+    # running a test binary holds no build lock, so the two do not wait for each other; and
+    # `--workspace` resolves features as the build above did (`-p kleidi` would rebuild kleidi).
+    setsid bash -c 'KLEIDI_SOAK=1 exec cargo test --workspace --locked --test soak -- --ignored --nocapture' \
         > target/soak.log 2>&1 &
     soak=$!
     trap 'kill -- -"$soak" 2>/dev/null || true' EXIT

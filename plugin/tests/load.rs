@@ -52,7 +52,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use load_support::{
-    Backend, Sample, Served, Workload, fd_kinds, idle, mib, run, sample, secs_from_env, settle,
+    Backend, Sample, Served, VAULT_CONNECTIONS_BEYOND_CLIENTS, Workload, fd_kinds, idle, mib, run, sample,
+    secs_from_env, settle,
 };
 
 /// Concurrent clients per run, each on a connection of its own.
@@ -131,7 +132,11 @@ async fn three_runs_with_no_error_and_flat_rss_and_fds(backend: Backend) {
             fd_kinds(pid)
         );
         if backend == Backend::Vault {
-            assert!(end.fds.tcp <= CLIENTS + 2, "run {n}: {} to OpenBao", end.fds);
+            assert!(
+                end.fds.tcp <= CLIENTS + VAULT_CONNECTIONS_BEYOND_CLIENTS,
+                "run {n}: {} to OpenBao",
+                end.fds
+            );
         } else {
             assert_eq!(end.fds.tcp, rest.fds.tcp, "run {n}: {}", end.fds);
         }

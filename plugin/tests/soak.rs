@@ -15,8 +15,9 @@
 //!   client reconnecting, a file open for a moment), and its backend TCP connections at most
 //!   [`backend_connections`]: none for SoftHSM (in process), one and a closing one for the swtpm
 //!   TCTI (it connects for each command, one at a time), and for OpenBao reqwest's pool, which
-//!   keeps one per call that was in flight at once, so up to the 64 clients and two probes (it
-//!   reached 28 when another test saturated both cores). At the end, once the clients are gone,
+//!   keeps one per call that was in flight at once, so up to the 64 clients and
+//!   [`VAULT_CONNECTIONS_BEYOND_CLIENTS`] of kleidi's own (it reached 68 while CI ran the load
+//!   tests beside the soak). At the end, once the clients are gone,
 //!   exactly the fds at rest again (OpenBao's pooled connections within [`POOL_REAPED`]).
 //!
 //! The soak is paced, not saturating: CI runs it beside the rest of `just e2e` on 2 cores, so each
@@ -50,7 +51,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use load_support::{
-    Backend, Sample, Served, Workload, cpu, fd_kinds, idle, mib, run, sample, secs_from_env, settle,
+    Backend, Sample, Served, VAULT_CONNECTIONS_BEYOND_CLIENTS, Workload, cpu, fd_kinds, idle, mib, run,
+    sample, secs_from_env, settle,
 };
 
 /// Clients per plugin, each on a connection of its own.
@@ -81,7 +83,7 @@ fn backend_connections(backend: Backend) -> usize {
     match backend {
         Backend::Pkcs11 => 0,
         Backend::Tpm => 2,
-        Backend::Vault => CLIENTS + 2,
+        Backend::Vault => CLIENTS + VAULT_CONNECTIONS_BEYOND_CLIENTS,
     }
 }
 
