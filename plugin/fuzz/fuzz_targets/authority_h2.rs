@@ -24,6 +24,10 @@ use kleidi::authority::AuthorityFix;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
+#[path = "common/client.rs"]
+mod client;
+use client::Client;
+
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const TYPE_HEADERS: u8 = 0x1;
 const TYPE_CONTINUATION: u8 = 0x9;
@@ -200,30 +204,6 @@ fn header_list(req: &Request) -> Option<(Pseudo, HeaderMap)> {
     Some((pseudo, fields))
 }
 
-/// The client's side of the socket for the layer: `data` in pieces of `sizes` (cycled).
-struct Chunked<'a> {
-    data: &'a [u8],
-    sizes: &'a [usize],
-    next: usize,
-}
-
-impl AsyncRead for Chunked<'_> {
-    fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let size = this
-            .sizes
-            .get(this.next % this.sizes.len().max(1))
-            .copied()
-            .unwrap_or(usize::MAX);
-        this.next += 1;
-        let n = this.data.len().min(size).min(buf.remaining());
-        let (head, rest) = this.data.split_at(n);
-        buf.put_slice(head);
-        this.data = rest;
-        Poll::Ready(Ok(()))
-    }
-}
-
 /// (stream, HPACK block) of every header block in a connection's bytes after the preface.
 fn header_blocks(mut rest: &[u8]) -> Vec<(u32, Vec<u8>)> {
     let mut blocks = Vec::new();
@@ -315,11 +295,7 @@ fuzz_target!(|conn: Connection| {
     let sizes: Vec<usize> = conn.cuts.iter().take(32).map(|&c| usize::from(c) + 1).collect();
 
     let (output, rewritten) = RUNTIME.block_on(async {
-        let mut fix = AuthorityFix::new(Chunked {
-            data: &input,
-            sizes: &sizes,
-            next: 0,
-        });
+        let mut fix = AuthorityFix::new(Client::new(&input, &sizes));
         let mut out = Vec::new();
         let mut piece = vec![0u8; 1 << 16];
         loop {

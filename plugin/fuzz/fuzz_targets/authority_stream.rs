@@ -11,13 +11,15 @@
 #![no_main]
 
 use std::io;
-use std::pin::Pin;
 use std::sync::LazyLock;
-use std::task::{Context, Poll};
 
 use kleidi::authority::AuthorityFix;
 use libfuzzer_sys::fuzz_target;
-use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use tokio::io::AsyncReadExt;
+
+#[path = "common/client.rs"]
+mod client;
+use client::Client;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -29,40 +31,6 @@ static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
         .build()
         .expect("a current-thread runtime")
 });
-
-/// The client's side of the socket: yields `data` in pieces of the given sizes (cycled), and if
-/// `pend`, `Pending` before every other piece, as a socket does when the client is slower.
-struct Client<'a> {
-    data: &'a [u8],
-    sizes: &'a [usize],
-    next: usize,
-    pend: bool,
-    pending_now: bool,
-}
-
-impl AsyncRead for Client<'_> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.pend {
-            this.pending_now = !this.pending_now;
-            if this.pending_now {
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-        }
-        let size = if this.sizes.is_empty() {
-            usize::MAX
-        } else {
-            this.sizes[this.next % this.sizes.len()]
-        };
-        this.next += 1;
-        let n = this.data.len().min(size).min(buf.remaining());
-        let (head, rest) = this.data.split_at(n);
-        buf.put_slice(head);
-        this.data = rest;
-        Poll::Ready(Ok(()))
-    }
-}
 
 /// Everything the layer hands h2, read in pieces of `read_sizes` (cycled), and whether it failed.
 async fn drive(client: Client<'_>, read_sizes: &[usize]) -> (Vec<u8>, bool) {
