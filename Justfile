@@ -114,8 +114,9 @@ lint: deny
     cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # Supply chain (deny.toml): licenses, sources, one version of each heavy crate, RustSec advisories.
-# Where github.com cannot be reached, KLEIDI_ADVISORY_DB=<a clone of rustsec/advisory-db> stands in;
-# with neither that nor an earlier copy, advisories alone are skipped, loudly.
+# Advisories come from github.com/RustSec/advisory-db where it can be fetched; else from the clone
+# KLEIDI_ADVISORY_DB names; else from the snapshot in fixtures/advisory-db/ (its date is printed,
+# with a warning once it is more than 90 days old: a stale database cannot know newer advisories).
 deny:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -125,18 +126,34 @@ deny:
     db="${CARGO_HOME:-$HOME/.cargo}/advisory-dbs/advisory-db-3157b0e258782691"
     if timeout 120 cargo deny --locked fetch db >/dev/null 2>&1; then
         cargo deny --locked check advisories
+        exit 0
+    fi
+    if [ -n "${KLEIDI_ADVISORY_DB:-}" ]; then
+        rm -rf "$db"
+        git clone -q --depth 1 "file://$(realpath "$KLEIDI_ADVISORY_DB")" "$db"
     else
-        if [ -n "${KLEIDI_ADVISORY_DB:-}" ]; then
+        snapshot=$(sed -n 's/^date //p' fixtures/advisory-db/SOURCE)
+        have=$(git -C "$db" log -1 --format=%cs 2>/dev/null || true)
+        if [[ -z "$have" || "$have" < "$snapshot" ]]; then
+            # cargo-deny reads the database's date from git, so the snapshot becomes a one-commit
+            # repository dated as the upstream commit it was taken from.
             rm -rf "$db"
-            git clone -q --depth 1 "file://$(realpath "$KLEIDI_ADVISORY_DB")" "$db"
-        fi
-        if [ -d "$db/crates" ]; then
-            echo "deny: github.com unreachable; advisories from the local copy of $(git -C "$db" log -1 --format=%cs)"
-            cargo deny --locked --offline check advisories
-        else
-            echo "deny: WARNING: RustSec advisories NOT checked: github.com/RustSec/advisory-db cannot be fetched from here and KLEIDI_ADVISORY_DB is not set" >&2
+            mkdir -p "$db"
+            tar -xzf fixtures/advisory-db/snapshot.tar.gz -C "$db"
+            export GIT_AUTHOR_DATE="${snapshot}T00:00:00Z" GIT_COMMITTER_DATE="${snapshot}T00:00:00Z"
+            git -C "$db" init -q
+            git -C "$db" add -A
+            git -C "$db" -c user.name=kleidi -c user.email=kleidi@localhost commit -q \
+                -m "rustsec/advisory-db $(sed -n 's/^commit //p' fixtures/advisory-db/SOURCE)"
         fi
     fi
+    date=$(git -C "$db" log -1 --format=%cs)
+    age=$(( ($(date +%s) - $(date -d "$date" +%s)) / 86400 ))
+    echo "deny: github.com unreachable; RustSec advisories as of $date ($age days old)"
+    if [ "$age" -gt 90 ]; then
+        echo "deny: WARNING: the advisory database is $age days old; refresh it where github.com can be reached (fixtures/advisory-db/refresh.sh)" >&2
+    fi
+    cargo deny --locked --offline check advisories
 
 # Container image kleidi:<version> for the static pod, from debootstrap + docker import (no registry);
 # `just image target/debug/kleidi` lays that binary in instead of building the release one.
