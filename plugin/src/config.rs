@@ -33,6 +33,10 @@ pub struct Cli {
 pub enum Command {
     /// Serve the KMS v2 and v1beta1 services on a Unix socket.
     Serve(Box<ServeArgs>),
+    /// Preflight before kube-apiserver uses kleidi: with serve's flags, check the socket's
+    /// directory, connect and log in to the backend, encrypt and decrypt once, print what was
+    /// found. Exit 0 only when every check passes.
+    Check(Box<CheckArgs>),
     /// PKCS#11 token administration.
     #[command(subcommand)]
     Pkcs11(Pkcs11Command),
@@ -247,6 +251,27 @@ impl ServeArgs {
         let ttl = self.health_ttl();
         (ttl.ok * 2).max(ttl.ok + ttl.probe_timeout + ttl.answer_within)
     }
+}
+
+/// `kleidi check` flags: every `serve` flag (so a serve command line checks unchanged; the socket
+/// and backend flags are the ones checked), and the report's format.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// How to print the findings.
+    #[arg(long, env = "KLEIDI_CHECK_OUTPUT", value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// The flags `kleidi serve` would run with.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Report format of `kleidi check`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned lines for a person.
+    Text,
+    /// One JSON document, for automation.
+    Json,
 }
 
 /// PKCS#11 flags, shared by `serve` and `pkcs11 init`.
@@ -492,6 +517,52 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(cli.command, Command::Pkcs11(Pkcs11Command::Init { .. })));
+    }
+
+    #[test]
+    fn check_takes_the_serve_flags_and_an_output_format() {
+        let cli = Cli::try_parse_from([
+            "kleidi",
+            "check",
+            "--backend",
+            "vault",
+            "--vault-addr",
+            "https://v:8200",
+            "--vault-key",
+            "kek",
+            "--listen",
+            "/run/k/kms.sock",
+            "--socket-mode",
+            "0660",
+            "--call-timeout",
+            "1s",
+            "--output",
+            "json",
+        ])
+        .unwrap();
+        let Command::Check(c) = cli.command else {
+            panic!("not check")
+        };
+        assert_eq!(c.output, OutputFormat::Json);
+        assert_eq!(c.serve.backend, BackendKind::Vault);
+        assert_eq!(c.serve.listen, Endpoint::Path("/run/k/kms.sock".into()));
+        assert_eq!(
+            (c.serve.socket_mode, c.serve.call_timeout),
+            (0o660, Duration::from_secs(1))
+        );
+        assert_eq!(c.serve.vault.vault_addr, ["https://v:8200"]);
+        // As for serve: a vault backend without its key is refused by clap.
+        assert!(
+            Cli::try_parse_from([
+                "kleidi",
+                "check",
+                "--backend",
+                "vault",
+                "--vault-addr",
+                "https://v"
+            ])
+            .is_err()
+        );
     }
 
     #[test]

@@ -81,6 +81,10 @@ impl<S: KeyService> KeyService for Guarded<S> {
         self.inner.credential_expiry()
     }
 
+    async fn describe(&self) -> Vec<(&'static str, String)> {
+        self.inner.describe().await
+    }
+
     async fn encrypt(&self, uid: &str, plaintext: &SecretSlice<u8>) -> Result<Encrypted> {
         let started = Instant::now();
         let len = plaintext.expose_secret().len();

@@ -4,12 +4,14 @@
 //!
 //! Reading order: [`service`] (the backend trait every backend implements) → [`backend`] (the key
 //! services) → [`guard`] and [`health`] (layers around any backend) → [`grpc`] (proto ↔ service
-//! types, nothing else) → [`server`] (the socket) → [`config`] (flags). Errors live in [`error`]; what logs look like, in [`logging`].
+//! types, nothing else) → [`server`] (the socket) → [`config`] (flags); [`check`] is the
+//! `kleidi check` preflight. Errors live in [`error`]; what logs look like, in [`logging`].
 
 #![forbid(unsafe_code)]
 
 pub mod authority;
 pub mod backend;
+pub mod check;
 pub mod config;
 pub mod credfile;
 pub mod error;

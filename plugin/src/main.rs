@@ -41,14 +41,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // `kleidi check` prints its own report and picks its own exit code.
+    let command = match cli.command {
+        Command::Check(args) => return runtime.block_on(kleidi::check::run(*args)),
+        command => command,
+    };
     let result = runtime.block_on(async {
-        match cli.command {
+        match command {
             Command::Serve(args) => serve(*args).await,
             Command::Pkcs11(Pkcs11Command::Init {
                 pkcs11,
                 pkcs11_so_pin_file,
             }) => backend::pkcs11_init(&pkcs11, &pkcs11_so_pin_file).await,
             Command::Tpm(command) => backend::tpm_command(command).await,
+            Command::Check(_) => Ok(()), // returned above
         }
     });
     match result {

@@ -59,6 +59,13 @@ pub trait KeyService: Send + Sync + 'static {
     fn credential_expiry(&self) -> Vec<(Credential, f64)> {
         Vec::new()
     }
+
+    /// Non-secret facts about the backend's configuration and state, as `(name, value)` pairs, for
+    /// `kleidi check` (module and token, transit key and login, TPM state directory). May ask the
+    /// backend; never returns a PIN, token, secret_id or key material. Default: none.
+    async fn describe(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
 }
 
 /// A backend credential whose lifetime kleidi knows.
@@ -89,5 +96,8 @@ impl<T: KeyService + ?Sized> KeyService for Arc<T> {
     }
     fn credential_expiry(&self) -> Vec<(Credential, f64)> {
         (**self).credential_expiry()
+    }
+    async fn describe(&self) -> Vec<(&'static str, String)> {
+        (**self).describe().await
     }
 }

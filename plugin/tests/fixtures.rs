@@ -112,3 +112,29 @@ fn socket_and_paths_agree_across_the_three_manifests() {
     let pin = serve.pkcs11.pkcs11_pin_file.unwrap();
     assert!(host_paths(&pod).contains(&pin.parent().unwrap().to_str().unwrap().to_owned()));
 }
+
+#[test]
+fn the_readme_check_example_parses_with_the_current_flags() {
+    let path = format!("{}/../README.md", env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(&path).unwrap();
+    let mut lines = readme.lines().skip_while(|l| !l.starts_with("$ kleidi check "));
+    let mut command = String::new();
+    for line in lines.by_ref() {
+        let (text, continued) = match line.strip_suffix('\\') {
+            Some(text) => (text, true),
+            None => (line, false),
+        };
+        command.push_str(text);
+        if !continued {
+            break;
+        }
+    }
+    let argv: Vec<&str> = command.trim_start_matches("$ ").split_whitespace().collect();
+    assert!(argv.len() > 2, "no `$ kleidi check` example in README.md");
+    let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    let Command::Check(check) = cli.command else {
+        panic!("not check: {argv:?}")
+    };
+    // The example's socket is the one the manifests use.
+    assert_eq!(check.serve.listen, Endpoint::Path("/run/kleidi/kms.sock".into()));
+}

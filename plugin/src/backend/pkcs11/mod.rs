@@ -274,6 +274,36 @@ impl KeyService for Pkcs11Backend {
     async fn current_key_id(&self) -> Result<String> {
         self.blocking(|inner| inner.refresh_current()).await
     }
+
+    async fn describe(&self) -> Vec<(&'static str, String)> {
+        let cfg = &self.inner.cfg;
+        let mut facts = vec![
+            ("module", cfg.module.display().to_string()),
+            ("token_label", cfg.token_label.clone()),
+            ("key_label", cfg.key_label.clone()),
+            ("pin_file", cfg.pin_file.display().to_string()),
+        ];
+        match self.token_status().await {
+            Ok(token) => {
+                let pin = if token.user_pin_locked {
+                    "locked"
+                } else if token.user_pin_final_try {
+                    "one more wrong PIN locks it"
+                } else if token.user_pin_count_low {
+                    "a wrong PIN was presented since the last good login"
+                } else {
+                    "ok"
+                };
+                facts.extend([
+                    ("slot", token.slot.to_string()),
+                    ("token_serial", token.serial),
+                    ("user_pin", pin.to_owned()),
+                ]);
+            }
+            Err(err) => facts.push(("token", format!("cannot read its status: {err}"))),
+        }
+        facts
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

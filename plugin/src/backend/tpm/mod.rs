@@ -218,6 +218,27 @@ impl KeyService for TpmBackend {
     fn key_id_reaches_backend(&self) -> bool {
         false
     }
+
+    async fn describe(&self) -> Vec<(&'static str, String)> {
+        let cfg = &self.inner.cfg;
+        let (current, keys) = {
+            let ring = lock(&self.inner.keys);
+            (ring.current.clone(), ring.keys.len())
+        };
+        vec![
+            ("tcti", cfg.tcti.clone()),
+            ("state_dir", cfg.state_dir.display().to_string()),
+            ("current_key", current.unwrap_or_else(|| "none".into())),
+            ("keys_in_state_dir", keys.to_string()),
+            (
+                "owner_auth",
+                match &cfg.owner_auth_file {
+                    Some(file) => format!("from {}", file.display()),
+                    None => "empty (the TPM default)".into(),
+                },
+            ),
+        ]
+    }
 }
 
 impl Inner {

@@ -399,6 +399,32 @@ impl Session {
         })
     }
 
+    /// The login as `kleidi check` shows it: method, auth mount, and the token's lease as of
+    /// its last login or renewal. Read from the state, never asking Vault; never the token.
+    pub(super) fn describe(&self) -> Vec<(&'static str, String)> {
+        let mut facts = vec![("auth_method", self.creds.method().to_owned())];
+        if let Some(mount) = self.creds.mount() {
+            facts.push(("auth_mount", mount.to_owned()));
+        }
+        let state = self.lock();
+        let lease = match (&state.token, state.refreshed, state.lease) {
+            (None, ..) => "unknown (not logged in)".to_owned(),
+            (Some(_), _, None) => "never expires".to_owned(),
+            (Some(_), Some(at), Some(lease)) => {
+                let left = lease.saturating_sub(at.elapsed()).as_secs();
+                let renewable = if state.renewable {
+                    "renewable"
+                } else {
+                    "not renewable"
+                };
+                format!("{left}s left ({renewable})")
+            }
+            (Some(_), None, Some(_)) => "unknown".to_owned(),
+        };
+        facts.push(("token_ttl", lease));
+        facts
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding this lock cannot leave the state half-written in a harmful way
         // (every field is replaced whole), so a poisoned lock is used as is.
@@ -426,6 +452,16 @@ impl Credentials {
             Credentials::Jwt { .. } => "jwt",
             Credentials::Cert { .. } => "cert",
             Credentials::Kubernetes { .. } => "kubernetes",
+        }
+    }
+
+    fn mount(&self) -> Option<&str> {
+        match self {
+            Credentials::Token { .. } => None,
+            Credentials::AppRole { mount, .. }
+            | Credentials::Jwt { mount, .. }
+            | Credentials::Cert { mount, .. }
+            | Credentials::Kubernetes { mount, .. } => Some(mount),
         }
     }
 

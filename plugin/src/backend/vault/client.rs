@@ -92,6 +92,11 @@ impl Nodes {
         })
     }
 
+    /// The configured addresses, in order.
+    pub(super) fn addresses(&self) -> &[String] {
+        &self.args.vault_addr
+    }
+
     /// When a call starting now must be done with Vault.
     pub(super) fn deadline(&self) -> Instant {
         Instant::now() + self.budget
@@ -411,6 +416,16 @@ pub(super) fn classify(op: Op, err: ClientError) -> Error {
     let (code, msg) = match err {
         ClientError::APIError { code, errors } => (code, errors.join("; ")),
         ClientError::RestClientError { source } => match source {
+            // Go's HTTP server answers a plain-HTTP request to its TLS port with this text.
+            rustify::errors::ClientError::ServerResponseError {
+                code: 400,
+                content: Some(text),
+            } if text.contains("HTTP request to an HTTPS server") => {
+                return unavailable(
+                    "network",
+                    "tls: the server speaks HTTPS; use an https:// --vault-addr".into(),
+                );
+            }
             rustify::errors::ClientError::ServerResponseError { code, .. } => (code, String::new()),
             rustify::errors::ClientError::RequestError { source, .. } => {
                 return unavailable("network", network_detail(&source));
@@ -459,12 +474,33 @@ fn denied(class: &'static str, detail: String) -> Error {
 /// (kleidi's URLs carry none) nor a body.
 fn network_detail(err: &anyhow::Error) -> String {
     let kind = match err.downcast_ref::<reqwest::Error>() {
+        _ if is_tls(err) => "tls",
         Some(e) if e.is_timeout() => "timeout",
         Some(e) if e.is_connect() => "connect",
         _ => "request",
     };
     let root = err.root_cause().to_string();
     format!("{kind}: {}", cut(&root))
+}
+
+/// Whether a request failed in the TLS handshake (an untrusted certificate, a wrong name, a
+/// server that does not speak TLS). rustls's error reaches us inside an `io::Error` (measured:
+/// inside one inside another), whose `source()` skips what it wraps, so each is opened.
+fn is_tls(err: &anyhow::Error) -> bool {
+    err.chain().any(|mut e| {
+        loop {
+            if e.is::<rustls::Error>() {
+                return true;
+            }
+            match e
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+            {
+                Some(inner) => e = inner,
+                None => return false,
+            }
+        }
+    })
 }
 
 /// `s` cut to at most 200 bytes (on a character boundary), for error details.
@@ -676,5 +712,40 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("b.example"), "{err}");
+    }
+
+    #[test]
+    fn a_plain_http_request_to_a_tls_port_is_a_network_failure_that_names_tls() {
+        let answer = |content: &str| ClientError::RestClientError {
+            source: rustify::errors::ClientError::ServerResponseError {
+                code: 400,
+                content: Some(content.into()),
+            },
+        };
+        // Op::Auth would otherwise read a 400 as refused credentials.
+        let err = classify(
+            Op::Auth,
+            answer("Client sent an HTTP request to an HTTPS server.\n"),
+        );
+        assert_eq!(err.class(), "network", "{err}");
+        assert!(err.to_string().contains("tls: the server speaks HTTPS"), "{err}");
+        assert_eq!(classify(Op::Auth, answer("bad request")).class(), "auth_failed");
+    }
+
+    #[test]
+    fn a_handshake_failure_inside_an_io_error_is_told_apart_from_a_refused_connection() {
+        let handshake = std::io::Error::other(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        ));
+        let err = anyhow::Error::new(handshake).context("connect");
+        assert!(is_tls(&err));
+        assert!(
+            network_detail(&err).starts_with("tls: "),
+            "{}",
+            network_detail(&err)
+        );
+        let refused = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(!is_tls(&refused));
     }
 }

@@ -89,6 +89,8 @@ struct Inner {
 struct Current {
     version: u64,
     key_id: String,
+    /// The transit key's type, for `kleidi check`.
+    key_type: String,
 }
 
 type FlightKey = (String, Vec<u8>);
@@ -244,6 +246,7 @@ impl Inner {
         *lock(&self.current) = Some(Current {
             version,
             key_id: key_id.clone(),
+            key_type: info.key_type,
         });
         Ok(key_id)
     }
@@ -386,6 +389,26 @@ impl KeyService for VaultBackend {
 
     async fn current_key_id(&self) -> Result<String> {
         self.inner.current_key_id().await
+    }
+
+    /// From what the last login and Status saw; no Vault call.
+    async fn describe(&self) -> Vec<(&'static str, String)> {
+        let inner = &self.inner;
+        let mut facts = vec![
+            ("addresses", inner.nodes.addresses().join(", ")),
+            ("namespace", inner.namespace.clone()),
+        ];
+        facts.extend(inner.session.describe());
+        facts.push(("transit_key", format!("{}/{}", inner.mount, inner.key)));
+        if let Some(current) = lock(&inner.current).clone() {
+            facts.push(("key_type", current.key_type));
+            facts.push(("latest_version", current.version.to_string()));
+        }
+        if let Some(left) = inner.client_cert.as_deref().and_then(cert::expires_in) {
+            facts.push(("client_certificate_expires_in", format!("{}s", left.round())));
+        }
+        facts.retain(|(_, value)| !value.is_empty());
+        facts
     }
 }
 
