@@ -1,6 +1,8 @@
 //! The gRPC services kube-apiserver calls: `v2.KeyManagementService` and the deprecated
 //! `v1beta1.KeyManagementService`. This module only translates between protobuf and the
-//! [`KeyService`] types; limits, health and logging live in the layers it is handed.
+//! [`KeyService`] types; limits, health and logging live in the layers it is handed. It does open
+//! each call's `rpc` span (uid, method, service version), so every line logged while serving the
+//! call, in any layer or backend, names the request it belongs to.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,8 +10,10 @@ use std::time::Instant;
 use prost::Message;
 use secrecy::{ExposeSecret, SecretSlice};
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::health::Healthy;
+use crate::logging::Client;
 use crate::metrics::{Method, Metrics, Service};
 use crate::proto::envelope::WrappedKey;
 use crate::proto::{v1beta1, v2};
@@ -40,15 +44,39 @@ impl StatusVersion {
     }
 }
 
-/// Counts a call in `metrics`, if any, once it has its result.
-async fn counted<T>(
+/// A uid for a request that carries none (v1beta1 and Status never do), so the log lines of every
+/// call can be told apart.
+fn new_uid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// The request's uid, or a new one when it is empty.
+fn uid_or_new(uid: String) -> String {
+    match uid.is_empty() {
+        true => new_uid(),
+        false => uid,
+    }
+}
+
+/// Runs a call inside its `rpc` span and counts it in `metrics`, if any, once it has its result.
+///
+/// The span is at ERROR level so that any filter that shows kleidi's warnings (`KLEIDI_LOG=warn`)
+/// keeps it, and with it the uid on a failed call's line. The uid is the client's: escaped and cut.
+async fn served<T>(
     metrics: Option<&Metrics>,
     service: Service,
     method: Method,
+    uid: &str,
     call: impl Future<Output = Result<Response<T>, Status>>,
 ) -> Result<Response<T>, Status> {
+    let span = tracing::error_span!(
+        "rpc",
+        uid = %Client(uid),
+        method = %method.as_str(),
+        service = %service.as_str()
+    );
     let started = Instant::now();
-    let result = call.await;
+    let result = call.instrument(span).await;
     if let Some(metrics) = metrics {
         metrics.rpc(service, method, started, &result);
     }
@@ -85,14 +113,21 @@ impl<S> KmsV2<S> {
 #[tonic::async_trait]
 impl<S: KeyService> v2::key_management_service_server::KeyManagementService for KmsV2<S> {
     async fn status(&self, _: Request<v2::StatusRequest>) -> Result<Response<v2::StatusResponse>, Status> {
-        counted(self.metrics.as_deref(), Service::V2, Method::Status, async {
-            let health = self.svc.health().await;
-            Ok(Response::new(v2::StatusResponse {
-                version: self.version.as_str().into(),
-                healthz: health.healthz,
-                key_id: health.key_id,
-            }))
-        })
+        let uid = new_uid();
+        served(
+            self.metrics.as_deref(),
+            Service::V2,
+            Method::Status,
+            &uid,
+            async {
+                let health = self.svc.health().await;
+                Ok(Response::new(v2::StatusResponse {
+                    version: self.version.as_str().into(),
+                    healthz: health.healthz,
+                    key_id: health.key_id,
+                }))
+            },
+        )
         .await
     }
 
@@ -100,18 +135,25 @@ impl<S: KeyService> v2::key_management_service_server::KeyManagementService for 
         &self,
         request: Request<v2::DecryptRequest>,
     ) -> Result<Response<v2::DecryptResponse>, Status> {
-        counted(self.metrics.as_deref(), Service::V2, Method::Decrypt, async {
-            let req = request.into_inner();
-            let encrypted = Encrypted {
-                ciphertext: req.ciphertext,
-                key_id: req.key_id,
-                annotations: req.annotations.into_iter().collect(),
-            };
-            let plain = self.svc.decrypt(&req.uid, &encrypted).await?;
-            Ok(Response::new(v2::DecryptResponse {
-                plaintext: plain.expose_secret().to_vec(),
-            }))
-        })
+        let req = request.into_inner();
+        let uid = uid_or_new(req.uid);
+        served(
+            self.metrics.as_deref(),
+            Service::V2,
+            Method::Decrypt,
+            &uid,
+            async {
+                let encrypted = Encrypted {
+                    ciphertext: req.ciphertext,
+                    key_id: req.key_id,
+                    annotations: req.annotations.into_iter().collect(),
+                };
+                let plain = self.svc.decrypt(&uid, &encrypted).await?;
+                Ok(Response::new(v2::DecryptResponse {
+                    plaintext: plain.expose_secret().to_vec(),
+                }))
+            },
+        )
         .await
     }
 
@@ -119,17 +161,24 @@ impl<S: KeyService> v2::key_management_service_server::KeyManagementService for 
         &self,
         request: Request<v2::EncryptRequest>,
     ) -> Result<Response<v2::EncryptResponse>, Status> {
-        counted(self.metrics.as_deref(), Service::V2, Method::Encrypt, async {
-            let req = request.into_inner();
-            // Moved, not copied: the seed is zeroized when the secret drops.
-            let plaintext = SecretSlice::from(req.plaintext);
-            let out = self.svc.encrypt(&req.uid, &plaintext).await?;
-            Ok(Response::new(v2::EncryptResponse {
-                ciphertext: out.ciphertext,
-                key_id: out.key_id,
-                annotations: out.annotations.into_iter().collect(),
-            }))
-        })
+        let req = request.into_inner();
+        let uid = uid_or_new(req.uid);
+        served(
+            self.metrics.as_deref(),
+            Service::V2,
+            Method::Encrypt,
+            &uid,
+            async {
+                // Moved, not copied: the seed is zeroized when the secret drops.
+                let plaintext = SecretSlice::from(req.plaintext);
+                let out = self.svc.encrypt(&uid, &plaintext).await?;
+                Ok(Response::new(v2::EncryptResponse {
+                    ciphertext: out.ciphertext,
+                    key_id: out.key_id,
+                    annotations: out.annotations.into_iter().collect(),
+                }))
+            },
+        )
         .await
     }
 }
@@ -198,10 +247,12 @@ impl<S: KeyService> v1beta1::key_management_service_server::KeyManagementService
         &self,
         request: Request<v1beta1::VersionRequest>,
     ) -> Result<Response<v1beta1::VersionResponse>, Status> {
-        counted(
+        let uid = new_uid();
+        served(
             self.metrics.as_deref(),
             Service::V1beta1,
             Method::Version,
+            &uid,
             async {
                 check_v1_version(&request.into_inner().version)?;
                 Ok(Response::new(v1beta1::VersionResponse {
@@ -218,15 +269,16 @@ impl<S: KeyService> v1beta1::key_management_service_server::KeyManagementService
         &self,
         request: Request<v1beta1::DecryptRequest>,
     ) -> Result<Response<v1beta1::DecryptResponse>, Status> {
-        counted(
+        let uid = new_uid();
+        served(
             self.metrics.as_deref(),
             Service::V1beta1,
             Method::Decrypt,
+            &uid,
             async {
                 let req = request.into_inner();
                 check_v1_version(&req.version)?;
                 let encrypted = decode_v1_cipher(&req.cipher)?;
-                let uid = uuid::Uuid::new_v4().to_string();
                 let plain = self.svc.decrypt(&uid, &encrypted).await?;
                 Ok(Response::new(v1beta1::DecryptResponse {
                     plain: plain.expose_secret().to_vec(),
@@ -240,16 +292,16 @@ impl<S: KeyService> v1beta1::key_management_service_server::KeyManagementService
         &self,
         request: Request<v1beta1::EncryptRequest>,
     ) -> Result<Response<v1beta1::EncryptResponse>, Status> {
-        counted(
+        let uid = new_uid();
+        served(
             self.metrics.as_deref(),
             Service::V1beta1,
             Method::Encrypt,
+            &uid,
             async {
                 let req = request.into_inner();
                 check_v1_version(&req.version)?;
                 let plaintext = SecretSlice::from(req.plain);
-                // v1 requests carry no uid; one is made up so the log lines of a call can be correlated.
-                let uid = uuid::Uuid::new_v4().to_string();
                 let out = self.svc.encrypt(&uid, &plaintext).await?;
                 Ok(Response::new(v1beta1::EncryptResponse {
                     cipher: encode_v1_cipher(out),

@@ -1,8 +1,9 @@
 //! The guard layer: what every call must satisfy whatever the backend. It bounds each backend
 //! call in time (well below the apiserver's 3 s), rejects unusable requests before they reach the
 //! backend, checks the backend's answers against the limits kube-apiserver enforces (spec 2.1), and
-//! logs each call (failures at warn, successes at debug). No secrets are logged: only uid, key_id
-//! (escaped and cut: the client chose them), sizes, outcome class and time.
+//! logs each call (failures at warn, successes at debug). No secrets are logged: only key_id
+//! (escaped and cut: the client chose it), sizes, outcome class and time; the uid is on the line
+//! through the call's span (`grpc`, or the health probe's own).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -108,10 +109,10 @@ impl<S: KeyService> KeyService for Guarded<S> {
         match &result {
             // Debug level: a line per successful call would bury the events an operator alerts on.
             Ok(out) => {
-                tracing::debug!(uid = %Client(uid), key_id = %out.key_id, plaintext_len = len, ms, "encrypt ok")
+                tracing::debug!(key_id = %out.key_id, plaintext_len = len, ms, "encrypt ok")
             }
             Err(err) => {
-                tracing::warn!(uid = %Client(uid), class = err.class(), ms, error = %err, "encrypt failed")
+                tracing::warn!(class = err.class(), ms, error = %err, "encrypt failed")
             }
         }
         result
@@ -135,10 +136,10 @@ impl<S: KeyService> KeyService for Guarded<S> {
         match &result {
             // Decrypt runs thousands of times when an apiserver fills its watch cache: debug level.
             Ok(_) => {
-                tracing::debug!(uid = %Client(uid), key_id = %Client(&encrypted.key_id), ms, "decrypt ok")
+                tracing::debug!(key_id = %Client(&encrypted.key_id), ms, "decrypt ok")
             }
             Err(err) => {
-                tracing::warn!(uid = %Client(uid), key_id = %Client(&encrypted.key_id), class = err.class(), ms, error = %err, "decrypt failed")
+                tracing::warn!(key_id = %Client(&encrypted.key_id), class = err.class(), ms, error = %err, "decrypt failed")
             }
         }
         result

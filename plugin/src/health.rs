@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretSlice};
+use tracing::Instrument as _;
 
 use crate::metrics::{self, Observed};
 use crate::service::{Credential, Encrypted, KeyService};
@@ -200,24 +201,29 @@ impl<S: KeyService> Shared<S> {
         match Arc::clone(&self.probing).try_lock_owned() {
             Ok(guard) => {
                 let probe = Arc::clone(self);
-                tokio::spawn(metrics::as_probe(async move {
+                // A span of its own, never the caller's: the probe is shared, and a Status call that
+                // started or waited for it must not have the probe's lines logged under its uid.
+                let uid = format!("kleidi-health-{}", uuid::Uuid::new_v4());
+                let span = tracing::error_span!(parent: None, "health_probe", uid = %uid);
+                let run = async move {
                     let _guard = guard;
-                    probe.run_probe().await;
-                }));
+                    probe.run_probe(&uid).await;
+                };
+                tokio::spawn(metrics::as_probe(run.instrument(span)));
                 true
             }
             Err(_) => false,
         }
     }
 
-    async fn run_probe(&self) {
+    async fn run_probe(&self, uid: &str) {
         let doubted = self.suspect.swap(false, Ordering::AcqRel);
         let healthy = lock(&self.last).as_ref().is_some_and(|v| v.failure.is_none());
         // Only a healthy verdict nobody doubts may be renewed by the key check alone: a failure may
         // have been in encrypt or decrypt, which the key check does not exercise.
         let full = doubted || !healthy;
         let started = Instant::now();
-        let result = tokio::time::timeout(self.ttl.probe_timeout, self.probe(full))
+        let result = tokio::time::timeout(self.ttl.probe_timeout, self.probe(full, uid))
             .await
             .unwrap_or(Err(Error::Timeout(self.ttl.probe_timeout)));
         match result {
@@ -288,7 +294,7 @@ impl<S: KeyService> Shared<S> {
         }
     }
 
-    async fn probe(&self, full: bool) -> Result<String> {
+    async fn probe(&self, full: bool, uid: &str) -> Result<String> {
         let key_id = self.inner.current_key_id().await?;
         self.remember_key_id(&key_id);
         let key_check_suffices = self.inner.key_id_reaches_backend() && !full;
@@ -298,8 +304,7 @@ impl<S: KeyService> Shared<S> {
         let mut probe = vec![0u8; 32];
         rand::rng().fill_bytes(&mut probe);
         let probe = SecretSlice::from(probe);
-        let uid = format!("kleidi-health-{}", uuid::Uuid::new_v4());
-        let wrapped = self.inner.encrypt(&uid, &probe).await?;
+        let wrapped = self.inner.encrypt(uid, &probe).await?;
         if wrapped.key_id != key_id {
             return Err(Error::Backend(format!(
                 "encrypt used key_id {} while the current key is {key_id}",
@@ -307,7 +312,7 @@ impl<S: KeyService> Shared<S> {
             )));
         }
         lock(&self.proven).note(&key_id, Op::Encrypt);
-        let unwrapped = self.inner.decrypt(&uid, &wrapped).await?;
+        let unwrapped = self.inner.decrypt(uid, &wrapped).await?;
         if unwrapped.expose_secret() != probe.expose_secret() {
             return Err(Error::Backend("decrypt did not return what was encrypted".into()));
         }

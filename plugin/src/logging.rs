@@ -5,14 +5,23 @@
 //! cuts every client-supplied field (uid, key_id) where it is logged; [`OneLine`] escapes any line
 //! break left inside a formatted event (an error text from a dependency, a path) before it reaches
 //! stderr, so kubelet, journald and log shippers see exactly one record per event.
+//!
+//! Every line logged while serving a call carries the call's `rpc` span (uid, method, service
+//! version; opened in `grpc`): text lines start `rpc{uid=… method=… service=…}:`, JSON lines hold
+//! it in `"spans"` (and in `"span"` when it is the innermost). The health probe logs under its own
+//! `health_probe` span, a Vault decrypt batch under `vault_batch` with every caller's uid. At start,
+//! [`log_effective_config`] writes the settings `kleidi serve` runs with, never a secret.
 
 use std::fmt;
 use std::io::{self, Write};
+use std::time::Duration;
 
+use clap::ValueEnum;
+use tracing::field::display;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
-use crate::config::LogFormat;
+use crate::config::{BackendKind, LogFormat, ServeArgs, VaultAuth};
 
 /// What `kleidi serve` logs when `KLEIDI_LOG` is unset: kleidi's own events at info (no line per
 /// successful call), nothing from vaultrs, rustify and tss_esapi, whose ERROR lines repeat what
@@ -42,7 +51,113 @@ pub fn init(format: LogFormat) {
         .with_writer(OneLine { ansi });
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        // Both span fields, as tracing-subscriber defaults to, said explicitly because operators
+        // rely on them: `"spans"` always holds the call's `rpc` span with its uid, while `"span"`
+        // is only the innermost (a dependency's own span, such as rustify's, when one is open).
+        // Event fields stay under `"fields"` (not flattened), the shape shippers already parse.
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).init(),
+    }
+}
+
+/// Logs, once, the configuration `kleidi serve` runs with: every setting that shapes how it serves
+/// and, for the chosen backend only, its non-secret settings. Credentials appear as the paths of
+/// the files that hold them (only those the chosen Vault auth method reads), never their content;
+/// Vault addresses without any `user:password@`.
+pub fn log_effective_config(args: &ServeArgs) {
+    let duration = |d: Duration| display(humantime::format_duration(d));
+    let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| display(p.display().to_string()));
+    // Every backend's line has the same common fields; a macro keeps them in one place while each
+    // backend adds its own (tracing needs the field names at compile time).
+    macro_rules! effective {
+        ($($backend:tt)*) => {
+            tracing::info!(
+                version = %env!("CARGO_PKG_VERSION"),
+                backend = %flag_value(args.backend),
+                listen = %args.listen,
+                socket_mode = %format_args!("{:04o}", args.socket_mode),
+                status_version = %flag_value(args.status_version),
+                call_timeout = duration(args.call_timeout),
+                health_ok_ttl = duration(args.health_ok_ttl),
+                health_roundtrip_interval = duration(args.health_roundtrip_interval),
+                health_err_ttl = duration(args.health_err_ttl),
+                shutdown_grace = duration(args.shutdown_grace),
+                max_connections = args.max_connections,
+                idle_timeout = duration(args.idle_timeout),
+                runtime = %flag_value(args.runtime),
+                worker_threads = args.worker_threads,
+                metrics_addr = args.metrics_addr.map(display),
+                metrics_allow_non_loopback = args.metrics_allow_non_loopback,
+                $($backend)*
+                "effective configuration"
+            )
+        };
+    }
+    match args.backend {
+        BackendKind::Pkcs11 => {
+            let p = &args.pkcs11;
+            effective!(
+                pkcs11_module = %p.pkcs11_module.display(),
+                pkcs11_token_label = %p.pkcs11_token_label,
+                pkcs11_key_label = %p.pkcs11_key_label,
+                pkcs11_pin_file = path(&p.pkcs11_pin_file),
+            );
+        }
+        BackendKind::Vault => {
+            let v = &args.vault;
+            let reads = |methods: &[VaultAuth]| methods.contains(&v.vault_auth);
+            let addrs: Vec<String> = v.vault_addr.iter().map(|a| without_userinfo(a)).collect();
+            effective!(
+                vault_addr = %addrs.join(","),
+                vault_transit_mount = %v.vault_transit_mount,
+                vault_key = v.vault_key.as_deref().map(display),
+                vault_auth = %flag_value(v.vault_auth),
+                vault_auth_mount = v.vault_auth_mount.as_deref().map(display),
+                vault_role = v.vault_role.as_deref().map(display),
+                vault_namespace = v.vault_namespace.as_deref().map(display),
+                vault_token_file = path(&v.vault_token_file).filter(|_| reads(&[VaultAuth::Token])),
+                vault_role_id_file = path(&v.vault_role_id_file).filter(|_| reads(&[VaultAuth::Approle])),
+                vault_secret_id_file = path(&v.vault_secret_id_file).filter(|_| reads(&[VaultAuth::Approle])),
+                vault_jwt_file = path(&v.vault_jwt_file).filter(|_| reads(&[VaultAuth::Jwt, VaultAuth::Kubernetes])),
+                vault_client_cert = path(&v.vault_client_cert),
+                vault_client_key = path(&v.vault_client_key),
+                vault_ca_file = path(&v.vault_ca_file),
+                vault_server_name = v.vault_server_name.as_deref().map(display),
+                vault_allow_plain_http = v.vault_allow_plain_http,
+            );
+        }
+        BackendKind::Tpm => {
+            let t = &args.tpm;
+            effective!(
+                tpm_tcti = t.tpm_tcti.as_deref().map(display),
+                tpm_state_dir = %t.tpm_state_dir.display(),
+                tpm_owner_auth_file = path(&t.tpm_owner_auth_file),
+            );
+        }
+    }
+}
+
+/// A value as its flag spells it (`pkcs11`, `multi-thread`, `approle`).
+fn flag_value<T: ValueEnum>(value: T) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_owned())
+        .unwrap_or_default()
+}
+
+/// A Vault address as it may be logged: any `user:password@` dropped (a URL may carry credentials),
+/// and one that does not parse as a URL not shown at all (the backend refuses it, naming the flag).
+fn without_userinfo(addr: &str) -> String {
+    let Ok(uri) = addr.trim().parse::<hyper::Uri>() else {
+        return "(not a URL)".into();
+    };
+    match uri.authority() {
+        Some(authority) if authority.as_str().contains('@') => {
+            let scheme = uri.scheme_str().map(|s| format!("{s}://")).unwrap_or_default();
+            let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+            let path = uri.path_and_query().map_or("", |p| p.as_str());
+            format!("{scheme}{}{port}{path}", authority.host())
+        }
+        _ => addr.trim().to_owned(),
     }
 }
 
@@ -131,7 +246,104 @@ impl<W: Write> Write for OneLineWriter<W> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use clap::Parser as _;
+
     use super::*;
+    use crate::config::{Cli, Command};
+
+    /// A log sink for a test subscriber.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The JSON line [`log_effective_config`] writes for `kleidi serve <flags>`.
+    fn effective_config(flags: &[&str]) -> serde_json::Value {
+        let cli = Cli::try_parse_from(["kleidi", "serve"].iter().chain(flags)).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || log_effective_config(&args));
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "one line: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn the_effective_config_names_each_setting_and_credential_files_by_path_only() {
+        let line = effective_config(&[
+            "--backend",
+            "vault",
+            "--vault-addr",
+            "https://kleidi:s3cret-pw@vault.example:8200,http://127.0.0.1:8200",
+            "--vault-key",
+            "kek",
+            "--vault-auth",
+            "approle",
+            "--vault-role-id-file",
+            "/run/kleidi/role-id",
+            "--vault-secret-id-file",
+            "/run/kleidi/secret-id",
+            "--vault-token-file",
+            "/run/kleidi/unused-token",
+            "--call-timeout",
+            "750ms",
+        ]);
+        let fields = &line["fields"];
+        assert_eq!(fields["message"], "effective configuration");
+        assert_eq!(fields["backend"], "vault");
+        assert_eq!(fields["listen"], "unix:///run/kleidi/kms.sock");
+        assert_eq!(fields["socket_mode"], "0600");
+        assert_eq!(fields["call_timeout"], "750ms");
+        assert_eq!(fields["health_ok_ttl"], "45s");
+        assert_eq!(fields["max_connections"], 64);
+        assert_eq!(fields["runtime"], "multi-thread");
+        assert_eq!(
+            fields["vault_addr"],
+            "https://vault.example:8200/,http://127.0.0.1:8200"
+        );
+        assert_eq!(fields["vault_auth"], "approle");
+        assert_eq!(fields["vault_secret_id_file"], "/run/kleidi/secret-id");
+        // Not read by approle: not part of the effective configuration.
+        assert!(fields.get("vault_token_file").is_none(), "{line}");
+        assert!(fields.get("pkcs11_pin_file").is_none(), "{line}");
+        assert!(!line.to_string().contains("s3cret"), "{line}");
+
+        let line = effective_config(&["--backend", "pkcs11", "--pkcs11-pin-file", "/run/kleidi/pin"]);
+        assert_eq!(line["fields"]["pkcs11_pin_file"], "/run/kleidi/pin");
+        assert_eq!(line["fields"]["pkcs11_token_label"], "kleidi");
+        assert!(line["fields"].get("vault_addr").is_none(), "{line}");
+    }
+
+    #[test]
+    fn vault_addresses_lose_their_credentials() {
+        assert_eq!(
+            without_userinfo("https://u:p@[::1]:8200/x"),
+            "https://[::1]:8200/x"
+        );
+        assert_eq!(without_userinfo("http://user@host"), "http://host/");
+        assert_eq!(
+            without_userinfo(" https://vault.example:8200 "),
+            "https://vault.example:8200"
+        );
+        assert_eq!(without_userinfo("https://pw with space@host"), "(not a URL)");
+    }
 
     #[test]
     fn client_fields_are_escaped_and_cut() {

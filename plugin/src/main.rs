@@ -67,6 +67,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> kleidi::Result<()> {
+    kleidi::logging::log_effective_config(&args);
     // Bound first, so a refused or busy --metrics-addr stops the start before the backend is touched.
     let metrics_listener = match args.metrics_addr {
         Some(addr) => Some(metrics::http::bind(addr, args.metrics_allow_non_loopback).await?),

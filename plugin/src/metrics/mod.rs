@@ -62,7 +62,8 @@ pub enum Service {
 }
 
 impl Service {
-    fn as_str(self) -> &'static str {
+    /// The label value, also the `service` field of a call's log span.
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Service::V2 => "v2",
             Service::V1beta1 => "v1beta1",
@@ -85,7 +86,8 @@ pub enum Method {
 }
 
 impl Method {
-    fn as_str(self) -> &'static str {
+    /// The label value, also the `method` field of a call's log span.
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Method::Status => "status",
             Method::Version => "version",

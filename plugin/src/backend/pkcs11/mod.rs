@@ -220,8 +220,12 @@ impl Pkcs11Backend {
             .await
             .map_err(|_| Error::Backend("pkcs11 session limiter closed".into()))?;
         let inner = Arc::clone(&self.inner);
+        // A blocking thread does not inherit the caller's span: carried over, so the token's lines
+        // name the call (its uid) they were made for.
+        let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            let _in_call = span.enter();
             f(&inner)
         })
         .await

@@ -455,7 +455,10 @@ async fn in_turn<T: Send + 'static>(
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
+    // A blocking thread does not inherit the caller's span: carried over, so the TPM's lines name
+    // the call (its uid) they were made for.
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
         .await
         .map_err(|e| Error::Backend(format!("tpm worker thread: {e}")))?
 }

@@ -14,6 +14,10 @@
 //! a cancelled gRPC call) is dropped before its batch is sent: Vault is not asked for a plaintext
 //! no one will read, and a backlog of them does not push live decrypts past their deadline.
 //!
+//! A drain task serves other callers' decrypts, so it logs under their names, never its starter's: a
+//! batch of one runs in its caller's span, a larger batch in a `vault_batch` span listing every
+//! caller's uid.
+//!
 //! Each item keeps its own failure: a bad ciphertext in a batch fails only itself (Vault answers
 //! 207 with per-item errors), and a batch Vault refuses whole with 400 (every item bad, or a server
 //! without partial answers) is retried one item at a time, so every caller gets exactly the answer
@@ -26,10 +30,12 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
 use tokio::sync::oneshot;
+use tracing::Instrument as _;
 
 use super::api::{self, BatchItem};
 use super::client::{BoxFut, Call, Op, clone_error, cut};
 use super::{Inner, lock};
+use crate::logging::Client;
 use crate::{Error, Result};
 
 /// Most items in one transit call: 4 JSON strings each stay well inside OpenBao's default
@@ -55,6 +61,25 @@ pub(super) struct Queue {
 struct Waiting {
     item: BatchItem,
     reply: oneshot::Sender<Result<Arc<SecretSlice<u8>>>>,
+    caller: Caller,
+}
+
+/// Whose decrypt an item is, for the drain task's log lines.
+pub(super) struct Caller {
+    /// The caller's uid, escaped and cut (see [`Client`]).
+    uid: String,
+    /// The caller's span (its `rpc` or `health_probe` span).
+    span: tracing::Span,
+}
+
+impl Caller {
+    /// The caller running now, with request uid `uid`.
+    pub(super) fn current(uid: &str) -> Self {
+        Self {
+            uid: Client(uid).to_string(),
+            span: tracing::Span::current(),
+        }
+    }
 }
 
 impl Waiting {
@@ -75,7 +100,12 @@ enum Admission {
 }
 
 impl Queue {
-    fn admit(&mut self, item: BatchItem, reply: oneshot::Sender<Result<Arc<SecretSlice<u8>>>>) -> Admission {
+    fn admit(
+        &mut self,
+        item: BatchItem,
+        caller: Caller,
+        reply: oneshot::Sender<Result<Arc<SecretSlice<u8>>>>,
+    ) -> Admission {
         let free = self.in_flight < MAX_IN_FLIGHT;
         if free && self.waiting.is_empty() {
             self.in_flight += 1;
@@ -88,7 +118,7 @@ impl Queue {
                 return Admission::Full;
             }
         }
-        self.waiting.push(Waiting { item, reply });
+        self.waiting.push(Waiting { item, reply, caller });
         if free {
             self.in_flight += 1;
         }
@@ -117,9 +147,13 @@ impl Queue {
 impl Inner {
     /// Decrypts one ciphertext: at once if a call slot is free and nothing is queued, else in a
     /// batch with whatever else is waiting.
-    pub(super) async fn decrypt_batched(self: &Arc<Self>, item: BatchItem) -> Result<Arc<SecretSlice<u8>>> {
+    pub(super) async fn decrypt_batched(
+        self: &Arc<Self>,
+        item: BatchItem,
+        caller: Caller,
+    ) -> Result<Arc<SecretSlice<u8>>> {
         let (reply, answer) = oneshot::channel();
-        let admission = lock(&self.queue).admit(item, reply);
+        let admission = lock(&self.queue).admit(item, caller, reply);
         let start_drain = match admission {
             Admission::Direct(item) => {
                 // No task, no channel. Decrypts that queue meanwhile are drained when the slot is
@@ -164,13 +198,17 @@ impl Inner {
     async fn answer(&self, batch: Vec<Waiting>) {
         if let [_] = batch.as_slice() {
             for waiting in batch {
-                let result = self.decrypt_one(&waiting.item).await;
+                let span = waiting.caller.span.clone();
+                let result = self.decrypt_one(&waiting.item).instrument(span).await;
                 let _ = waiting.reply.send(result);
             }
             return;
         }
+        let uids: Vec<&str> = batch.iter().map(|w| w.caller.uid.as_str()).collect();
+        let span =
+            tracing::error_span!(parent: None, "vault_batch", size = batch.len(), uids = %uids.join(","));
         let items: Vec<BatchItem> = batch.iter().map(|w| w.item.clone()).collect();
-        match self.decrypt_many(items).await {
+        match self.decrypt_many(items).instrument(span).await {
             Ok(results) if results.len() == batch.len() => {
                 for (waiting, result) in batch.into_iter().zip(results) {
                     let _ = waiting.reply.send(plaintext_of(result));
@@ -188,7 +226,8 @@ impl Inner {
             // whose callers still wait).
             Err(Error::BadCiphertext(_)) => {
                 for waiting in batch.into_iter().filter(|w| !w.abandoned()) {
-                    let result = self.decrypt_one(&waiting.item).await;
+                    let span = waiting.caller.span.clone();
+                    let result = self.decrypt_one(&waiting.item).instrument(span).await;
                     let _ = waiting.reply.send(result);
                 }
             }
@@ -303,7 +342,7 @@ mod tests {
 
     fn admit(queue: &mut Queue, i: usize) -> (Admission, Answer) {
         let (reply, answer) = oneshot::channel();
-        (queue.admit(item(i), reply), answer)
+        (queue.admit(item(i), Caller::current("u"), reply), answer)
     }
 
     fn ciphertexts(batch: &[Waiting]) -> Vec<String> {

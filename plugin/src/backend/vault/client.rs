@@ -78,6 +78,7 @@ impl Nodes {
         if args.vault_addr.is_empty() {
             return Err(Error::Config("--vault-addr is required".into()));
         }
+        refuse_credentials(&args.vault_addr)?;
         refuse_plain_http(&args.vault_addr, args.vault_allow_plain_http)?;
         // Read before building: a change while building shows at the next check.
         let tls_files = tls_files_digest(args);
@@ -237,6 +238,27 @@ impl Nodes {
             )
         }))
     }
+}
+
+/// Refuses an address with `user:password@` in it. Vault ignores it (kleidi logs in with
+/// `--vault-auth`, from files), and every log line, span and error naming the address would show it.
+/// The refusal itself names the address without it.
+fn refuse_credentials(addrs: &[String]) -> Result<()> {
+    for addr in addrs {
+        let Ok(mut url) = reqwest::Url::parse(addr.trim()) else {
+            continue; // refused where it is parsed, below
+        };
+        if url.username().is_empty() && url.password().is_none() {
+            continue;
+        }
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        return Err(Error::Config(format!(
+            "--vault-addr {url}: drop the user:password@ part; kleidi authenticates with --vault-auth \
+             and its credential files, and an address is logged"
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses an `http://` address whose host is not loopback unless `--vault-allow-plain-http` says
@@ -702,6 +724,23 @@ mod tests {
         ] {
             check(&[addr], false).unwrap_or_else(|e| panic!("{addr}: {e}"));
         }
+    }
+
+    #[test]
+    fn an_address_with_credentials_is_refused_without_showing_them() {
+        for addr in [
+            "https://kleidi:s3cret@vault.example:8200",
+            "http://s3cret@127.0.0.1:8200",
+        ] {
+            let err = refuse_credentials(&[addr.to_string()]).unwrap_err();
+            let text = err.to_string();
+            assert!(matches!(err, Error::Config(_)), "{text}");
+            assert!(
+                text.contains("user:password@") && !text.contains("s3cret"),
+                "{text}"
+            );
+        }
+        refuse_credentials(&["https://vault.example:8200".into(), "not a url".into()]).unwrap();
     }
 
     #[test]

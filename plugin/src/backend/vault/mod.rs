@@ -368,17 +368,20 @@ impl KeyService for VaultBackend {
         })
     }
 
-    async fn decrypt(&self, _uid: &str, encrypted: &Encrypted) -> Result<SecretSlice<u8>> {
+    async fn decrypt(&self, uid: &str, encrypted: &Encrypted) -> Result<SecretSlice<u8>> {
         let inner = &self.inner;
         let ciphertext = check_decrypt(&inner.key_id_prefix(), encrypted)?;
         let flight = FlightGuard::join(inner, (encrypted.key_id.clone(), encrypted.ciphertext.clone()));
         let shared = flight
             .cell
             .get_or_init(|| {
-                inner.decrypt_batched(api::BatchItem {
-                    ciphertext,
-                    associated_data: associated_data(&encrypted.key_id),
-                })
+                inner.decrypt_batched(
+                    api::BatchItem {
+                        ciphertext,
+                        associated_data: associated_data(&encrypted.key_id),
+                    },
+                    batch::Caller::current(uid),
+                )
             })
             .await;
         match shared {
