@@ -18,7 +18,6 @@ use tss_esapi::traits::{Marshall, UnMarshall};
 use zeroize::Zeroizing;
 
 use super::format::{self, put_sized, take_sized};
-use super::read_secret;
 use crate::{Error, Result};
 
 /// policyRef of every approval: binds the admin's signatures to this use, so a signature the same
@@ -170,7 +169,9 @@ pub struct Approval {
 impl Approval {
     /// `kleidi tpm approve`: signs the duplication of this admin key's KEKs to `parent`.
     pub fn sign(admin_key: &Path, parent: &ParentFile) -> Result<Self> {
-        let pkcs8 = read_secret(admin_key, "--admin-key")?;
+        // DER, read whole: a text file's trailing newline is trimmed by `read_secret`, and one key
+        // in 256 ends in the byte 0x0a (the last byte of its public point).
+        let pkcs8 = crate::credfile::read(admin_key, "--admin-key")?;
         let (pair, admin) = load_admin_key(&pkcs8)?;
         let parent_name = parent.name()?;
         let message = approval_message(&approved_policy(&parent_name));
@@ -305,6 +306,24 @@ pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_admin_key_whose_der_ends_in_a_newline_byte_still_signs() {
+        // Found in CI: `tpm approve` refused such a key as "InvalidEncoding", one key in 256.
+        let dir = tempfile::tempdir().unwrap();
+        let key = (0..20_000)
+            .map(|i| {
+                let key = dir.path().join(format!("admin{i}"));
+                generate_admin_key(&key).unwrap();
+                key
+            })
+            .find(|key| std::fs::read(key).unwrap().ends_with(b"\n"))
+            .expect("one key in 256 ends in 0x0a");
+        let parent = ParentFile {
+            public: format::primary_template().unwrap(),
+        };
+        assert!(Approval::sign(&key, &parent).is_ok());
+    }
 
     #[test]
     fn an_approval_signs_the_policy_hash_and_survives_its_file() {
