@@ -155,8 +155,10 @@ deny:
     fi
     cargo deny --locked --offline check advisories
 
-# Container image kleidi:<version> for the static pod, from debootstrap + docker import (no registry);
-# `just image target/debug/kleidi` lays that binary in instead of building the release one.
+# Container images kleidi:<version> (the binary and what it needs at run time) and
+# kleidi:<version>-softhsm (plus SoftHSM), from debootstrap + docker import (no registry);
+# `just image target/debug/kleidi` lays that binary in (debug info stripped) instead of building
+# the release one.
 image bin="":
     #!/usr/bin/env bash
     set -euo pipefail

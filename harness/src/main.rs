@@ -17,6 +17,8 @@ use kleidi_harness::audit::{self, Audit, Class};
 use kleidi_harness::conformance;
 
 mod demo;
+#[cfg(test)]
+mod runbooks;
 
 /// Exit code when `audit` finds a value in clear.
 const EXIT_IN_CLEAR: u8 = 1;

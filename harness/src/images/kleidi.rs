@@ -1,10 +1,13 @@
-//! kleidi in a container (`kleidi:<version>`, `just image`): `kleidi serve` on
-//! `/run/kleidi/kms.sock`, that directory bind-mounted from the host as a static pod shares it with
-//! kube-apiserver. The default backend is a SoftHSM token the container creates itself (`kleidi
-//! pkcs11 init`, random PINs); [`KleidiImage::with_backend_args`] serves another backend instead.
-//! Ready when Status over the shared socket answers `ok`.
+//! kleidi in a container (`kleidi:<version>` and `kleidi:<version>-softhsm`, `just image`): `kleidi
+//! serve` on `/run/kleidi/kms.sock`, that directory bind-mounted from the host as a static pod
+//! shares it with kube-apiserver. The images hold no shell: the container's command is kleidi's own
+//! argv. The default backend is a fresh SoftHSM token (`kleidi pkcs11 init` on the host, random
+//! PINs, mounted at its host path) served from the `-softhsm` image;
+//! [`KleidiImage::with_backend_args`] serves another backend instead, from the plain image unless
+//! it is pkcs11. Ready when Status over the shared socket answers `ok`.
 
 use std::borrow::Cow;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -15,54 +18,50 @@ use testcontainers::{ContainerAsync, ContainerRequest, Image, ImageExt as _};
 use super::{READY_LIMIT, poll, start_on_network};
 use crate::apiserver::kms::{KmsClient as _, StatusResponse};
 use crate::apiserver::{Authority, connect_unix};
+use crate::runtime::{SoftHsmToken, kleidi_bin};
 
 /// The image `fixtures/images/build.sh` builds.
 pub const NAME: &str = "kleidi";
-/// Its tag: the workspace version, as the static pod names it.
+/// Its tag: the workspace version, as the manifests name it. No SoftHSM in it.
 pub const TAG: &str = env!("CARGO_PKG_VERSION");
+/// The variant with the SoftHSM module, for the pkcs11 backend with a development token.
+pub const SOFTHSM_TAG: &str = concat!(env!("CARGO_PKG_VERSION"), "-softhsm");
 /// The socket directory inside the container.
 pub const SOCKET_DIR: &str = "/run/kleidi";
-
-/// The SoftHSM token set-up, then `kleidi serve` with `$KLEIDI_BACKEND_ARGS`.
-/// `umask 077` before the PIN files: kleidi refuses PIN files other users can read.
-const PKCS11_INIT: &str = "mkdir -p /etc/kleidi /var/lib/softhsm/tokens && printf '%s\\n' \"$SOFTHSM_CONF\" >/etc/kleidi/softhsm2.conf \
-    && umask 077 && printf '%s\\n' \"$PIN\" >/etc/kleidi/pkcs11-pin && printf '%s\\n' \"$SO_PIN\" >/etc/kleidi/pkcs11-so-pin \
-    && /usr/local/bin/kleidi pkcs11 init --pkcs11-pin-file /etc/kleidi/pkcs11-pin --pkcs11-so-pin-file /etc/kleidi/pkcs11-so-pin && ";
 
 /// `kleidi serve` on the shared socket directory.
 #[derive(Clone, Debug)]
 pub struct KleidiImage {
     socket_dir: Option<PathBuf>,
-    script: String,
+    tag: &'static str,
+    /// `kleidi serve --listen unix:///run/kleidi/kms.sock` and the backend flags.
+    cmd: Vec<String>,
     env: Vec<(String, String)>,
+    /// The default: `KleidiContainer::start` makes a SoftHSM token and serves it.
+    own_token: bool,
 }
 
 impl Default for KleidiImage {
     /// The pkcs11 backend on a fresh SoftHSM token (label `kleidi`, key `kleidi-kek`).
     fn default() -> Self {
-        // A throwaway development token's PINs; they live in this container only.
-        let pin = || uuid::Uuid::new_v4().simple().to_string();
         KleidiImage {
             socket_dir: None,
-            script: format!(
-                "{PKCS11_INIT}exec /usr/local/bin/kleidi serve --listen unix://{SOCKET_DIR}/kms.sock $KLEIDI_BACKEND_ARGS"
-            ),
-            env: vec![
-                (
-                    "SOFTHSM_CONF".into(),
-                    include_str!("../../../fixtures/softhsm/softhsm2.conf")
-                        .trim()
-                        .into(),
-                ),
-                ("PIN".into(), pin()),
-                ("SO_PIN".into(), pin()),
-                (
-                    "KLEIDI_BACKEND_ARGS".into(),
-                    "--backend pkcs11 --pkcs11-pin-file /etc/kleidi/pkcs11-pin".into(),
-                ),
-            ],
+            tag: SOFTHSM_TAG,
+            cmd: serve(&[]),
+            env: Vec::new(),
+            own_token: true,
         }
     }
+}
+
+/// kleidi's argv for `serve` on the shared socket with `args` after `--listen`.
+fn serve(args: &[&str]) -> Vec<String> {
+    let listen = format!("unix://{SOCKET_DIR}/kms.sock");
+    ["serve", "--listen", &listen]
+        .into_iter()
+        .chain(args.iter().copied())
+        .map(str::to_owned)
+        .collect()
 }
 
 impl KleidiImage {
@@ -73,13 +72,13 @@ impl KleidiImage {
     }
 
     /// `kleidi serve`'s backend flags (`--backend vault --vault-addr …`) instead of the SoftHSM
-    /// token, which is then not created. Split on whitespace: no argument may contain any.
+    /// token, which is then not created. Only `--backend pkcs11` needs the `-softhsm` image.
     pub fn with_backend_args(mut self, args: &[&str]) -> Self {
-        self.script = format!(
-            "exec /usr/local/bin/kleidi serve --listen unix://{SOCKET_DIR}/kms.sock $KLEIDI_BACKEND_ARGS"
-        );
-        self.env.retain(|(k, _)| k != "KLEIDI_BACKEND_ARGS");
-        self.env.push(("KLEIDI_BACKEND_ARGS".into(), args.join(" ")));
+        let pkcs11 =
+            args.windows(2).any(|w| w == ["--backend", "pkcs11"]) || args.contains(&"--backend=pkcs11");
+        self.tag = if pkcs11 { SOFTHSM_TAG } else { TAG };
+        self.cmd = serve(args);
+        self.own_token = false;
         self
     }
 
@@ -97,7 +96,7 @@ impl Image for KleidiImage {
     }
 
     fn tag(&self) -> &str {
-        TAG
+        self.tag
     }
 
     fn ready_conditions(&self) -> Vec<WaitFor> {
@@ -105,12 +104,8 @@ impl Image for KleidiImage {
         vec![WaitFor::Nothing]
     }
 
-    fn entrypoint(&self) -> Option<&str> {
-        Some("/bin/sh")
-    }
-
     fn cmd(&self) -> impl IntoIterator<Item = impl Into<Cow<'_, str>>> {
-        ["-c", self.script.as_str()]
+        self.cmd.iter().map(String::as_str)
     }
 
     fn env_vars(&self) -> impl IntoIterator<Item = (impl Into<Cow<'_, str>>, impl Into<Cow<'_, str>>)> {
@@ -120,10 +115,11 @@ impl Image for KleidiImage {
 
 /// A started kleidi whose Status answered `ok` on the shared socket; removed on drop.
 pub struct KleidiContainer {
-    // Dropped first: the container goes before its socket directory.
+    // Dropped first: the container goes before its socket directory and its token.
     container: ContainerAsync<KleidiImage>,
     socket: PathBuf,
     _own_dir: Option<tempfile::TempDir>,
+    _token: Option<SoftHsmToken>,
 }
 
 impl KleidiContainer {
@@ -138,12 +134,32 @@ impl KleidiContainer {
                 (own.path().to_path_buf(), Some(own))
             }
         };
-        let request = request.with_mount(Mount::bind_mount(dir.display().to_string(), SOCKET_DIR));
+        let mut request = request.with_mount(Mount::bind_mount(dir.display().to_string(), SOCKET_DIR));
+        let mut token = None;
+        if request.image().own_token {
+            // Made on the host by the run's kleidi, mounted at the same path; served as the user
+            // that owns its PIN files (kleidi refuses PIN files of another user but root).
+            let made = SoftHsmToken::create(&kleidi_bin()?, "kleidi", "kleidi-kek")?;
+            let owner = std::fs::metadata(made.dir())?;
+            let flags = made.flags("kleidi-kek");
+            let args: Vec<&str> = ["--backend", "pkcs11"]
+                .into_iter()
+                .chain(flags.iter().map(String::as_str))
+                .collect();
+            let host_dir = made.dir().display().to_string();
+            request = request
+                .with_cmd(serve(&args))
+                .with_env_var("SOFTHSM2_CONF", made.conf().display().to_string())
+                .with_mount(Mount::bind_mount(host_dir.clone(), host_dir))
+                .with_user(format!("{}:{}", owner.uid(), owner.gid()));
+            token = Some(made);
+        }
         let (container, _) = start_on_network(request).await?;
         let kleidi = KleidiContainer {
             container,
             socket: dir.join("kms.sock"),
             _own_dir: own_dir,
+            _token: token,
         };
         kleidi.wait_ready(READY_LIMIT).await?;
         Ok(kleidi)

@@ -2,7 +2,7 @@
 //! directory bind-mounted from the host (where the harness plays kube-apiserver), as a static pod
 //! shares it. The run's own `kleidi` binary is mounted over the image's, so a scenario tests the code
 //! it was built from, not whatever the image was last built with; the image gives the runtime (libc,
-//! SoftHSM, tpm2-tss). Backend state the host prepared (a SoftHSM token, a token file) is mounted
+//! tpm2-tss and its TCTI modules; SoftHSM in the `-softhsm` image the pkcs11 backend runs in). Backend state the host prepared (a SoftHSM token, a token file) is mounted
 //! at the same path it has on the host, so the flags are the process runtime's.
 
 use std::os::unix::fs::MetadataExt as _;
@@ -29,7 +29,7 @@ pub struct KleidiNodeSpec {
     pub kleidi: PathBuf,
     /// The host directory the socket (`kms.sock`) appears in.
     pub socket_dir: PathBuf,
-    /// `kleidi serve` flags after `--listen` (no argument may contain whitespace).
+    /// `kleidi serve` flags after `--listen`.
     pub args: Vec<String>,
     /// Environment for `kleidi serve`.
     pub env: Vec<(String, String)>,
@@ -49,9 +49,6 @@ impl KleidiNode {
     /// Status: a node may start while its backend is down, as in the process runtime).
     pub async fn start(spec: &KleidiNodeSpec) -> Result<Self> {
         let args: Vec<&str> = spec.args.iter().map(String::as_str).collect();
-        if let Some(arg) = args.iter().find(|a| a.chars().any(char::is_whitespace)) {
-            bail!("kleidi argument {arg:?} contains whitespace: the container's command splits on it");
-        }
         let mut image = KleidiImage::default().with_backend_args(&args);
         for (key, value) in &spec.env {
             image = image.with_env(key, value);
