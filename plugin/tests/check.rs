@@ -42,8 +42,8 @@ impl Run {
             .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
     }
 
-    /// The one failed finding, by name, with its problem and reason (JSON runs).
-    fn only_problem(&self) -> (String, String, String) {
+    /// The reason of the one failed finding, which must be `name` with `problem` (JSON runs).
+    fn only_problem(&self, name: &str, problem: &str) -> String {
         let json = self.json();
         assert_eq!(json["ok"], false, "{}", self.stdout);
         assert_eq!(self.code, 1, "{}", self.stdout);
@@ -55,11 +55,13 @@ impl Run {
             .collect();
         assert_eq!(failed.len(), 1, "one problem, one reason:\n{}", self.stdout);
         let f = failed[0];
-        (
-            f["name"].as_str().unwrap().to_owned(),
-            f["problem"].as_str().unwrap().to_owned(),
-            f["reason"].as_str().unwrap().to_owned(),
-        )
+        let reason = f["reason"].as_str().unwrap().to_owned();
+        assert_eq!(
+            (f["name"].as_str(), f["problem"].as_str()),
+            (Some(name), Some(problem)),
+            "{reason}"
+        );
+        reason
     }
 
     fn assert_never_shows(&self, secret: &str) {
@@ -193,12 +195,7 @@ fn pkcs11_wrong_pin_is_named_and_neither_pin_is_shown() {
     let wrong = "wrong-pin-d41c07";
     support::write_private(&token.pin_file(), format!("{wrong}\n"));
     let run = pkcs11_check(&token, support::KEK, &strings(&["--output", "json"]));
-    let (name, problem, reason) = run.only_problem();
-    assert_eq!(
-        (name.as_str(), problem.as_str()),
-        ("key_id", "wrong_pin"),
-        "{reason}"
-    );
+    let reason = run.only_problem("key_id", "wrong_pin");
     assert!(
         reason.starts_with("wrong PIN: the token refused the PIN in "),
         "{reason}"
@@ -212,12 +209,7 @@ fn pkcs11_wrong_pin_is_named_and_neither_pin_is_shown() {
 fn pkcs11_missing_key_is_named() {
     let token = Token::new();
     let run = pkcs11_check(&token, "no-such-kek", &strings(&["--output", "json"]));
-    let (name, problem, reason) = run.only_problem();
-    assert_eq!(
-        (name.as_str(), problem.as_str()),
-        ("backend", "key_missing"),
-        "{reason}"
-    );
+    let reason = run.only_problem("backend", "key_missing");
     assert!(
         reason.contains("no-such-kek") && reason.contains("kleidi pkcs11 init"),
         "{reason}"
@@ -241,12 +233,7 @@ fn a_socket_directory_other_users_can_write_is_a_problem_even_with_a_working_bac
         "json",
     ]);
     let run = pkcs11_check(&token, support::KEK, &extra);
-    let (name, problem, reason) = run.only_problem();
-    assert_eq!(
-        (name.as_str(), problem.as_str()),
-        ("socket_directory", "socket"),
-        "{reason}"
-    );
+    let reason = run.only_problem("socket_directory", "socket");
     assert!(
         reason.contains("mode 0777") && reason.contains("chmod go-w"),
         "{reason}"
@@ -263,12 +250,7 @@ fn a_socket_another_process_serves_is_a_problem_a_stale_one_is_not() {
     let socket = run_dir.join("kms.sock");
     let live = std::os::unix::net::UnixListener::bind(&socket).unwrap();
     let run = pkcs11_check(&token, support::KEK, &strings(&["--output", "json"]));
-    let (name, problem, reason) = run.only_problem();
-    assert_eq!(
-        (name.as_str(), problem.as_str()),
-        ("socket_path", "socket"),
-        "{reason}"
-    );
+    let reason = run.only_problem("socket_path", "socket");
     assert!(reason.contains("another process is serving"), "{reason}");
 
     drop(live); // the file stays: what a crashed kleidi leaves
@@ -365,12 +347,7 @@ fn vault_token_without_transit_encrypt_is_no_permission_on_that_path() {
     let token = bao.run(&["token", "create", "-field=token", "-policy=read-only"]);
     let file = bao.file("token", &token);
     let run = vault_check(&bao.addr, "kek", &file, bao.dir.path(), &["--output", "json"]);
-    let (name, problem, reason) = run.only_problem();
-    assert_eq!(
-        (name.as_str(), problem.as_str()),
-        ("encrypt", "permission_denied"),
-        "{reason}"
-    );
+    let reason = run.only_problem("encrypt", "permission_denied");
     assert!(reason.contains("\"update\" on transit/encrypt/kek"), "{reason}");
     assert!(reason.contains("HTTP 403"), "{reason}");
     run.assert_never_shows(&token);
@@ -381,12 +358,7 @@ fn a_sealed_vault_is_named_sealed() {
     let (bao, token, file) = vault_with_token();
     bao.run(&["operator", "seal"]);
     let run = vault_check(&bao.addr, "kek", &file, bao.dir.path(), &["--output", "json"]);
-    let (name, problem, reason) = run.only_problem();
-    assert_eq!(
-        (name.as_str(), problem.as_str()),
-        ("key_id", "sealed"),
-        "{reason}"
-    );
+    let reason = run.only_problem("key_id", "sealed");
     assert!(reason.contains("unseal it"), "{reason}");
     run.assert_never_shows(&token);
 }
@@ -396,12 +368,7 @@ fn an_address_where_nothing_listens_is_unreachable() {
     let (bao, token, file) = vault_with_token();
     let nothing = format!("http://127.0.0.1:{}", vault_support::free_port());
     let run = vault_check(&nothing, "kek", &file, bao.dir.path(), &["--output", "json"]);
-    let (name, problem, reason) = run.only_problem();
-    assert_eq!(
-        (name.as_str(), problem.as_str()),
-        ("key_id", "unreachable"),
-        "{reason}"
-    );
+    let reason = run.only_problem("key_id", "unreachable");
     assert!(
         reason.contains(&format!("nothing answers at {nothing}")),
         "{reason}"
@@ -416,12 +383,7 @@ fn a_missing_transit_key_is_named() {
     let token = bao.kleidi_token("gone", "1h");
     let file = bao.file("token", &token);
     let run = vault_check(&bao.addr, "gone", &file, bao.dir.path(), &["--output", "json"]);
-    let (name, problem, reason) = run.only_problem();
-    assert_eq!(
-        (name.as_str(), problem.as_str()),
-        ("backend", "key_missing"),
-        "{reason}"
-    );
+    let reason = run.only_problem("backend", "key_missing");
     assert!(
         reason.contains("transit/gone") && reason.contains("never creates keys"),
         "{reason}"
@@ -441,8 +403,7 @@ fn tls_failures_are_named_tls_and_the_right_ca_passes() {
 
     // Without --vault-ca-file the dev server's own CA is not trusted.
     let run = vault_check(&bao.addr, "kek", &file, bao.dir.path(), &["--output", "json"]);
-    let (name, problem, reason) = run.only_problem();
-    assert_eq!((name.as_str(), problem.as_str()), ("key_id", "tls"), "{reason}");
+    let reason = run.only_problem("key_id", "tls");
     assert!(reason.contains("certificate"), "{reason}");
     run.assert_never_shows(&token);
 
@@ -455,8 +416,7 @@ fn tls_failures_are_named_tls_and_the_right_ca_passes() {
         bao.dir.path(),
         &["--output", "json", ca_flag[0], ca_flag[1]],
     );
-    let (name, problem, reason) = run.only_problem();
-    assert_eq!((name.as_str(), problem.as_str()), ("key_id", "tls"), "{reason}");
+    let reason = run.only_problem("key_id", "tls");
     assert!(reason.contains("use an https:// --vault-addr"), "{reason}");
     run.assert_never_shows(&token);
 
