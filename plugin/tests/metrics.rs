@@ -35,7 +35,9 @@ fn metrics_addr_in(log: &Path) -> SocketAddr {
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(20) {
         let logs = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(rest) = logs.split("metrics_addr=").nth(1) {
+        // The listener's own line: the startup line's `metrics_addr` is the flag (port 0).
+        let listening = logs.lines().find(|l| l.contains("endpoints listening"));
+        if let Some(rest) = listening.and_then(|l| l.split("metrics_addr=").nth(1)) {
             let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
             return addr.parse().unwrap_or_else(|e| panic!("{addr:?}: {e}"));
         }
