@@ -98,15 +98,7 @@ impl OpenBao {
 
     /// A plain vaultrs client with the root token: the "raw" side.
     pub fn raw_client(&self) -> anyhow::Result<VaultClient> {
-        // vaultrs is built without a default TLS provider (as in kleidi: ring, no C build).
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let settings = VaultClientSettingsBuilder::default()
-            .address(&self.addr)
-            .token(ROOT)
-            // Bounded: a stuck call fails instead of hanging a bench.
-            .timeout(Some(Duration::from_secs(10)))
-            .build()?;
-        Ok(VaultClient::new(settings)?)
+        raw_vault_client(&self.addr)
     }
 
     /// kleidi's flags for this server: token auth with the root token, key [`KEY`].
@@ -248,4 +240,17 @@ pub struct BatchResult {
     /// Set when this item failed.
     #[serde(default)]
     pub error: String,
+}
+
+/// A plain vaultrs client with the root token on `addr`: the "raw" side.
+pub fn raw_vault_client(addr: &str) -> anyhow::Result<VaultClient> {
+    // vaultrs is built without a default TLS provider (as in kleidi: ring, no C build).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let settings = VaultClientSettingsBuilder::default()
+        .address(addr)
+        .token(ROOT)
+        // Bounded: a stuck call fails instead of hanging a bench.
+        .timeout(Some(Duration::from_secs(10)))
+        .build()?;
+    Ok(VaultClient::new(settings)?)
 }

@@ -35,6 +35,9 @@ struct Cli {
     /// Where the PNG charts go.
     #[arg(long, default_value = "benches/plots")]
     plots_dir: PathBuf,
+    /// Skip the instruction counts (callgrind; about 1 min per backend).
+    #[arg(long)]
+    no_instructions: bool,
 }
 
 #[derive(Subcommand)]
@@ -44,6 +47,22 @@ enum Sub {
         /// Socket path.
         #[arg(long)]
         socket: PathBuf,
+    },
+    /// The raw side's loop, run under callgrind by the instruction counts (not for direct use).
+    #[command(hide = true)]
+    RawLoop {
+        /// pkcs11 | vault.
+        #[arg(long)]
+        backend: String,
+        /// Encrypt | Decrypt.
+        #[arg(long)]
+        method: String,
+        /// Calls.
+        #[arg(long)]
+        n: u64,
+        /// OpenBao's address (vault).
+        #[arg(long)]
+        vault_addr: Option<String>,
     },
     /// Draw "Decrypt RPCs and backend calls against N" from kleidi-scale's JSON.
     PlotScale {
@@ -61,6 +80,12 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Some(Sub::TrivialServer { socket }) => trivial(socket),
         Some(Sub::PlotScale { input, out }) => kleidi_benches::plot::plot_scale(input, out),
+        Some(Sub::RawLoop {
+            backend,
+            method,
+            n,
+            vault_addr,
+        }) => crossproc::instructions::raw_loop(backend, method, *n, vault_addr.as_deref()),
         None => bench(&cli),
     };
     match result {
@@ -108,6 +133,7 @@ fn bench(cli: &Cli) -> anyhow::Result<()> {
         conc_total: if cli.quick { 800 } else { 8000 },
         backends: cli.backends.clone(),
         work: work.path().to_path_buf(),
+        instructions: !cli.no_instructions,
     };
     let report = crossproc::run(&cfg)?;
     let md = report::write(&report, &cli.out_dir, &cli.plots_dir)?;

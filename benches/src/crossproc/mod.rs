@@ -8,6 +8,7 @@
 //! multi-thread runtime, each caller its own task, all on clones of one channel (one HTTP/2
 //! connection, as kube-apiserver holds one per plugin).
 
+pub mod instructions;
 pub mod measure;
 pub mod procs;
 pub mod raw;
@@ -57,6 +58,8 @@ pub struct Config {
     pub backends: Vec<String>,
     /// Scratch directory (sockets, token, logs); also where SOFTHSM2_CONF points.
     pub work: PathBuf,
+    /// Count instructions per call under callgrind (PKCS#11 and OpenBao; needs valgrind).
+    pub instructions: bool,
 }
 
 /// One backend and method, every path.
@@ -137,6 +140,10 @@ pub struct Report {
     pub runtime: Vec<RuntimeRow>,
     /// Point 6.
     pub memory: Vec<MemRow>,
+    /// Instructions per call (callgrind), or empty with the reason in `instructions_note`.
+    pub instructions: Vec<instructions::InsnRow>,
+    /// Why instructions were not counted, if they were not.
+    pub instructions_note: String,
     /// Peer: measured or why not.
     pub peer: String,
     /// Failed calls in the memory load runs.
@@ -274,6 +281,11 @@ pub fn run(cfg: &Config) -> anyhow::Result<Report> {
             }
             other => anyhow::bail!("unknown backend {other:?} (pkcs11, vault, tpm)"),
         }
+    }
+    if !cfg.instructions {
+        report.instructions_note = "not counted (--no-instructions)".into();
+    } else if !instructions::available() {
+        report.instructions_note = "not counted: valgrind (with callgrind_control) is not installed".into();
     }
     report.errors = report
         .latency
@@ -575,6 +587,12 @@ fn bench_backend(
             decrypt,
             conc16,
         });
+    }
+
+    // Instructions per call: the comparison above without the machine's noise. The TPM's cost
+    // is the TPM's (milliseconds of swtpm per command), not counted.
+    if cfg.instructions && b.name != "tpm" && instructions::available() {
+        report.instructions.extend(instructions::count(cfg, rts, b, bao)?);
     }
     Ok(())
 }

@@ -166,7 +166,8 @@ impl RawVault {
         }
     }
 
-    async fn encrypt(&self) -> anyhow::Result<String> {
+    /// One transit encrypt of [`SEED`].
+    pub async fn encrypt(&self) -> anyhow::Result<String> {
         Ok(
             data::encrypt(&*self.client, "transit", &self.key, &B64.encode(SEED), None)
                 .await?
@@ -174,7 +175,8 @@ impl RawVault {
         )
     }
 
-    async fn decrypt(&self, ct: &str) -> bool {
+    /// One transit decrypt of `ct`; true when it gives [`SEED`] back.
+    pub async fn decrypt(&self, ct: &str) -> bool {
         data::decrypt(&*self.client, "transit", &self.key, ct, None)
             .await
             .is_ok_and(|r| B64.decode(r.plaintext).is_ok_and(|p| p == SEED))

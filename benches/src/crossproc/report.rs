@@ -168,6 +168,40 @@ fn write_markdown(r: &Report, md: &mut String) -> std::fmt::Result {
 
     writeln!(
         md,
+        "\n## Instructions per call (callgrind: the server process, all its threads; {} calls)\n",
+        super::instructions::CALLS
+    )?;
+    if r.instructions.is_empty() {
+        writeln!(md, "{}", r.instructions_note)?;
+    } else {
+        writeln!(
+            md,
+            "| backend | method | kleidi | trivial gRPC | raw | kleidi ÷ (trivial + raw) | peer |"
+        )?;
+        writeln!(md, "|---|---|---|---|---|---|---|")?;
+        for row in &r.instructions {
+            writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {:.2} | {} |",
+                row.backend,
+                row.method,
+                row.kleidi,
+                row.trivial,
+                row.raw,
+                row.ratio,
+                row.peer.map_or("–".to_string(), |p| p.to_string())
+            )?;
+        }
+        writeln!(
+            md,
+            "\nRaw: the client side only (OpenBao's own work is in its process, for every path alike). \
+             Counts do not depend on the machine's load; waiting (hand-offs between threads and \
+             processes) is not in them."
+        )?;
+    }
+
+    writeln!(
+        md,
         "\n## Memory of `kleidi serve` (VmRSS, MiB; target idle ≤ 15, no growth)\n"
     )?;
     writeln!(
