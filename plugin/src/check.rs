@@ -47,6 +47,8 @@ pub enum Problem {
     Locked,
     /// The key does not exist: no PKCS#11 key with the label, no transit key, no TPM key.
     KeyMissing,
+    /// The key exists but cannot be used: an AWS KMS key disabled, pending deletion or unavailable.
+    KeyDisabled,
     /// The backend refused kleidi's credentials (a Vault login, a revoked token, TPM auth).
     AuthFailed,
     /// Logged in, but the policy does not allow the operation.
@@ -75,6 +77,7 @@ impl Problem {
             Problem::WrongPin => "wrong PIN",
             Problem::Locked => "locked",
             Problem::KeyMissing => "missing key",
+            Problem::KeyDisabled => "key not usable",
             Problem::AuthFailed => "authentication failed",
             Problem::PermissionDenied => "no permission",
             Problem::Sealed => "sealed",
@@ -167,6 +170,7 @@ pub async fn check(args: &ServeArgs) -> Report {
             BackendKind::Pkcs11 => "pkcs11",
             BackendKind::Vault => "vault",
             BackendKind::Tpm => "tpm",
+            BackendKind::AwsKms => "aws-kms",
         },
         listen: args.listen.to_string(),
         key_id: None,
@@ -245,7 +249,14 @@ async fn roundtrip(svc: &impl KeyService, args: &ServeArgs, report: &mut Report)
 /// does not say what to fix, and the error's own text.
 fn diagnose(step: &'static str, err: &Error, args: &ServeArgs) -> Finding {
     let text = err.to_string();
-    let addresses = || args.vault.vault_addr.join(", ");
+    let addresses = || match args.backend {
+        BackendKind::AwsKms => args
+            .aws
+            .aws_endpoint_url
+            .clone()
+            .unwrap_or_else(|| "the region's KMS endpoint".into()),
+        _ => args.vault.vault_addr.join(", "),
+    };
     let (problem, hint) = match err {
         Error::Denied { class, .. } => match *class {
             "pin_incorrect" => (
@@ -258,6 +269,10 @@ fn diagnose(step: &'static str, err: &Error, args: &ServeArgs) -> Finding {
         },
         Error::Unavailable { class, detail, .. } => match *class {
             "key_missing" | "key_lost" => (Problem::KeyMissing, String::new()),
+            "key_disabled" | "key_pending_deletion" | "key_unavailable" => (
+                Problem::KeyDisabled,
+                "enable the key (or cancel its deletion) in KMS".to_owned(),
+            ),
             "sealed" => (
                 Problem::Sealed,
                 "unseal it (`vault operator unseal`, `bao operator unseal`)".to_owned(),
@@ -309,8 +324,19 @@ fn pin_file(args: &ServeArgs) -> String {
         .map_or_else(|| "--pkcs11-pin-file".into(), |p| p.display().to_string())
 }
 
-/// The transit path whose capability a refused step needed.
+/// The transit path (or KMS action) whose permission a refused step needed.
 fn policy_hint(step: &str, args: &ServeArgs) -> String {
+    if args.backend == BackendKind::AwsKms {
+        let key = args.aws.aws_kms_key_id.as_deref().unwrap_or_default();
+        let action = match step {
+            "encrypt" => "kms:Encrypt",
+            "decrypt" => "kms:Decrypt",
+            _ => "kms:DescribeKey and kms:ListKeyRotations",
+        };
+        return format!(
+            "the key policy or IAM policy does not allow {action} on {key} with this encryption context (fixtures/aws/iam-policy.json)"
+        );
+    }
     let mount = args.vault.vault_transit_mount.trim_matches('/');
     let key = args.vault.vault_key.as_deref().unwrap_or_default();
     let (path, capability) = match step {

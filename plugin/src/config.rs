@@ -11,7 +11,7 @@ use crate::grpc::StatusVersion;
 use crate::health::HealthTtl;
 use crate::server::Endpoint;
 
-/// kleidi: a KMS v2 plugin for kube-apiserver that keeps the key-encryption key in an HSM, Vault/OpenBao or a TPM.
+/// kleidi: a KMS v2 plugin for kube-apiserver that keeps the key-encryption key in an HSM, Vault/OpenBao, a TPM or AWS KMS.
 #[derive(Debug, Parser)]
 #[command(name = "kleidi", version, about)]
 pub struct Cli {
@@ -150,6 +150,8 @@ pub enum BackendKind {
     Vault,
     /// A TPM 2.0.
     Tpm,
+    /// An AWS KMS key (cargo feature `aws-kms`).
+    AwsKms,
 }
 
 /// `kleidi serve` flags.
@@ -216,6 +218,9 @@ pub struct ServeArgs {
     /// TPM 2.0 settings (with --backend tpm).
     #[command(flatten)]
     pub tpm: TpmArgs,
+    /// AWS KMS settings (with --backend aws-kms).
+    #[command(flatten)]
+    pub aws: AwsArgs,
 }
 
 /// The tokio runtime `kleidi serve` runs on (`--runtime`).
@@ -386,6 +391,39 @@ pub struct VaultArgs {
     /// cross the network unencrypted): only where the path is protected otherwise.
     #[arg(long, env = "KLEIDI_VAULT_ALLOW_PLAIN_HTTP")]
     pub vault_allow_plain_http: bool,
+}
+
+/// AWS KMS flags. Credentials come only from the standard AWS chain (environment, shared files,
+/// web identity / IRSA, EKS Pod Identity, ECS, instance profile), never from a flag.
+#[derive(Debug, Args, Clone)]
+pub struct AwsArgs {
+    /// The KMS key: its ARN, or an alias (`alias/NAME` or the alias ARN). With an alias, moving it
+    /// to another key changes the current key; old seeds keep decrypting with the key that wrapped them.
+    #[arg(long, env = "KLEIDI_AWS_KMS_KEY_ID", required_if_eq("backend", "aws-kms"))]
+    pub aws_kms_key_id: Option<String>,
+    /// Region of the key (default: the ARN's region, else the standard chain: AWS_REGION, profile,
+    /// instance metadata).
+    #[arg(long, env = "KLEIDI_AWS_REGION")]
+    pub aws_region: Option<String>,
+    /// KMS endpoint, for VPC endpoints and local servers (https://, or http:// on loopback only).
+    #[arg(long, env = "KLEIDI_AWS_ENDPOINT_URL")]
+    pub aws_endpoint_url: Option<String>,
+    /// This cluster's name in the encryption context (`kleidi.dev/cluster`) of every wrapped seed:
+    /// a seed wrapped for one cluster does not decrypt in another. Never change it for a cluster.
+    #[arg(
+        long,
+        env = "KLEIDI_AWS_ENCRYPTION_CONTEXT_CLUSTER",
+        required_if_eq("backend", "aws-kms")
+    )]
+    pub aws_encryption_context_cluster: Option<String>,
+    /// The KMS provider's name in the encryption context (`kleidi.dev/provider`): the `name` of the
+    /// kms provider in kube-apiserver's EncryptionConfiguration. Never change it for a provider.
+    #[arg(
+        long,
+        env = "KLEIDI_AWS_ENCRYPTION_CONTEXT_PROVIDER",
+        default_value = "kleidi"
+    )]
+    pub aws_encryption_context_provider: String,
 }
 
 fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {

@@ -1,6 +1,6 @@
 //! kleidi: a Kubernetes KMS plugin. kube-apiserver asks it, over gRPC on a Unix socket, to wrap and
 //! unwrap its data-encryption seeds with a key-encryption key that never leaves an external key
-//! service (a PKCS#11 HSM, Vault/OpenBao transit, a TPM).
+//! service (a PKCS#11 HSM, Vault/OpenBao transit, a TPM, AWS KMS).
 //!
 //! Reading order: [`service`] (the backend trait every backend implements) → [`backend`] (the key
 //! services) → [`guard`] and [`health`] (layers around any backend) → [`grpc`] (proto ↔ service

@@ -49,14 +49,32 @@ pub fn init(format: LogFormat) {
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(OneLine { ansi });
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     match format {
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.finish().with(no_wire_dumps()).init(),
         // Both span fields, as tracing-subscriber defaults to, said explicitly because operators
         // rely on them: `"spans"` always holds the call's `rpc` span with its uid, while `"span"`
         // is only the innermost (a dependency's own span, such as rustify's, when one is open).
         // Event fields stay under `"fields"` (not flattened), the shape shippers already parse.
-        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .finish()
+            .with(no_wire_dumps())
+            .init(),
     }
+}
+
+/// Whatever `KLEIDI_LOG` asks for, never the AWS SDK's TRACE events: they print whole requests
+/// and responses (Debug of the body: a seed in base64; the session token header).
+fn no_wire_dumps() -> tracing_subscriber::filter::FilterFn {
+    fn allowed(meta: &tracing::Metadata<'_>) -> bool {
+        let aws = ["aws_smithy", "aws_sdk", "aws_config", "aws_runtime", "aws_sigv4"];
+        *meta.level() != tracing::Level::TRACE || !aws.iter().any(|t| meta.target().starts_with(t))
+    }
+    tracing_subscriber::filter::filter_fn(allowed)
 }
 
 /// Logs, once, the configuration `kleidi serve` runs with: every setting that shapes how it serves
@@ -131,6 +149,16 @@ pub fn log_effective_config(args: &ServeArgs) {
                 tpm_tcti = t.tpm_tcti.as_deref().map(display),
                 tpm_state_dir = %t.tpm_state_dir.display(),
                 tpm_owner_auth_file = path(&t.tpm_owner_auth_file),
+            );
+        }
+        BackendKind::AwsKms => {
+            let a = &args.aws;
+            effective!(
+                aws_kms_key_id = a.aws_kms_key_id.as_deref().map(display),
+                aws_region = a.aws_region.as_deref().map(display),
+                aws_endpoint_url = a.aws_endpoint_url.as_deref().map(|u| display(without_userinfo(u))),
+                aws_encryption_context_cluster = a.aws_encryption_context_cluster.as_deref().map(display),
+                aws_encryption_context_provider = %a.aws_encryption_context_provider,
             );
         }
     }

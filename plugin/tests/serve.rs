@@ -781,3 +781,21 @@ async fn client_fields_cannot_forge_log_lines_or_flood_them() {
         }
     }
 }
+
+/// A build without the `aws-kms` feature (the default) says which feature `--backend aws-kms`
+/// needs, instead of starting or failing on a missing flag.
+#[cfg(not(feature = "aws-kms"))]
+#[test]
+fn aws_kms_without_its_cargo_feature_fails_naming_the_feature() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kleidi"))
+        .args(["serve", "--backend", "aws-kms", "--aws-kms-key-id", "alias/kek"])
+        .args(["--aws-encryption-context-cluster", "c", "--listen"])
+        .arg(dir.path().join("kms.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--features aws-kms"), "{stderr}");
+    assert!(!dir.path().join("kms.sock").exists(), "serving without a backend");
+}

@@ -4,10 +4,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::config::{BackendKind, Pkcs11Args, ServeArgs, TpmArgs, TpmCommand, VaultArgs};
+use crate::config::{AwsArgs, BackendKind, Pkcs11Args, ServeArgs, TpmArgs, TpmCommand, VaultArgs};
 use crate::service::KeyService;
 use crate::{Error, Result};
 
+#[cfg(feature = "aws-kms")]
+pub mod aws;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
 #[cfg(feature = "tpm")]
@@ -25,7 +27,23 @@ pub async fn build(args: &ServeArgs) -> Result<Arc<dyn KeyService>> {
         BackendKind::Pkcs11 => build_pkcs11(&args.pkcs11).await,
         BackendKind::Vault => build_vault(&args.vault, args.call_timeout).await,
         BackendKind::Tpm => build_tpm(&args.tpm).await,
+        BackendKind::AwsKms => build_aws(&args.aws, args.call_timeout).await,
     }
+}
+
+/// AWS KMS gets 7/8 of `--call-timeout` (retries of a throttled call included), so a call it
+/// cannot answer in time ends with its class a little before the guard's bare timeout would.
+#[cfg(feature = "aws-kms")]
+async fn build_aws(args: &AwsArgs, call_timeout: std::time::Duration) -> Result<Arc<dyn KeyService>> {
+    let budget = call_timeout.mul_f64(7.0 / 8.0);
+    Ok(Arc::new(aws::AwsKmsBackend::connect(args, budget).await?))
+}
+
+#[cfg(not(feature = "aws-kms"))]
+async fn build_aws(_: &AwsArgs, _: std::time::Duration) -> Result<Arc<dyn KeyService>> {
+    Err(Error::NotImplemented(
+        "this build has no aws-kms backend: build kleidi with `--features aws-kms`".into(),
+    ))
 }
 
 #[cfg(feature = "pkcs11")]
