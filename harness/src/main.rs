@@ -3,7 +3,10 @@
 //! like `etcdctl get KEY | hexdump -C`; `get` and `put` read and write one object through the KMS v2
 //! envelope and a running plugin, as kube-apiserver would (disaster recovery, scripting); `demo` runs
 //! the whole path on this machine and stops everything it started; `conformance` checks any running
-//! KMS v2 plugin against the contract, one line per check. Logic lives in the library.
+//! KMS v2 plugin against the contract, one line per check; `apiserver` serves the Kubernetes API for
+//! Secrets over the envelope; `verify` and `rewrite` work on any cluster through its API (kube-rs):
+//! a canary proving what lands in etcd, and the storage migration after a rotation. Logic lives in
+//! the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,10 +14,13 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use kleidi_harness::apiserver::object::Keys;
 use kleidi_harness::apiserver::object::{self, Encoding};
 use kleidi_harness::apiserver::{Authority, Envelope, EtcdStore, EtcdTls, Storage, connect_unix};
 use kleidi_harness::audit::{self, Audit, Class};
+use kleidi_harness::cluster::{self, rewrite, verify};
 use kleidi_harness::conformance;
+use kleidi_harness::kubeapi::{ApiServer, Secrets};
 
 mod demo;
 #[cfg(test)]
@@ -24,6 +30,9 @@ mod runbooks;
 const EXIT_IN_CLEAR: u8 = 1;
 /// Exit code when `conformance` finds a check that does not pass.
 const EXIT_NONCONFORMANT: u8 = 1;
+/// Exit code when `verify` finds the canary not stored as expected, or `rewrite`'s audit finds a
+/// value in clear or under another key ID.
+const EXIT_CHECK_FAILED: u8 = 1;
 /// Exit code for any other failure (etcd unreachable, bad arguments, plugin errors).
 const EXIT_ERROR: u8 = 2;
 
@@ -96,6 +105,97 @@ enum Command {
         #[command(flatten)]
         plugin: PluginArgs,
     },
+    /// Serve the Kubernetes API for Secrets (create, get, list, update, delete) on plain HTTP on
+    /// loopback, stored as kube-apiserver stores them: protobuf, KMS v2 envelope through the plugin,
+    /// etcd. Until Ctrl-C or SIGTERM.
+    Apiserver {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        #[command(flatten)]
+        plugin: PluginArgs,
+        /// Provider name, as in an EncryptionConfiguration.
+        #[arg(long)]
+        provider: String,
+        /// Loopback address to serve on (port 0: any free port; the line printed says which).
+        #[arg(long, default_value = "127.0.0.1:6443")]
+        listen: std::net::SocketAddr,
+        /// The apiserver's `--etcd-prefix`.
+        #[arg(long, default_value = object::DEFAULT_PREFIX)]
+        etcd_prefix: String,
+        /// Write a kubeconfig pointing at this server here.
+        #[arg(long)]
+        write_kubeconfig: Option<PathBuf>,
+    },
+    /// Write a canary Secret through a cluster's API, check its raw etcd value (KMS v2, provider,
+    /// key ID, no canary byte in clear), read it back, delete it. Exit 0, or 1 with the reason.
+    Verify {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// The provider name the value must carry.
+        #[arg(long)]
+        provider: Option<String>,
+        /// The key ID the value must carry.
+        #[arg(long)]
+        key_id: Option<String>,
+        /// Namespace of the canary.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+    },
+    /// After a KEK rotation: replace every Secret with itself (its own resourceVersion), so the
+    /// apiserver rewrites it under the current key; paced, resumable, with a progress bar. With
+    /// `--etcd`, first a canary finds the current key ID, and at the end an audit proves no Secret is
+    /// left in clear or under another key ID (exit 1 otherwise).
+    Rewrite {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// One namespace; all by default.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Requests per second at most.
+        #[arg(long, default_value_t = 20.0)]
+        qps: f64,
+        /// Secrets per list page.
+        #[arg(long, default_value_t = 250)]
+        page: u32,
+        /// Progress for a resume; removed when the rewrite finishes.
+        #[arg(long, default_value = "kleidi-rewrite.checkpoint")]
+        checkpoint: PathBuf,
+        /// etcd endpoints, for the audit at the end (comma-separated); no audit without.
+        #[arg(long, value_delimiter = ',')]
+        etcd: Option<Vec<String>>,
+        /// The key ID every Secret must end under (by default the one a canary write gets).
+        #[arg(long, requires = "etcd")]
+        key_id: Option<String>,
+        #[command(flatten)]
+        etcd_tls: EtcdTlsArgs,
+    },
+}
+
+/// Which cluster API to talk to.
+#[derive(Debug, Args)]
+struct ClusterArgs {
+    /// kubeconfig to use (its current context); by default $KUBECONFIG, ~/.kube/config or in-cluster.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// The apiserver's `--etcd-prefix`.
+    #[arg(long, default_value = object::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+}
+
+/// etcdctl's TLS flags, for commands where etcd is optional.
+#[derive(Debug, Args)]
+struct EtcdTlsArgs {
+    /// CA bundle for etcd's serving certificate.
+    #[arg(long, env = "ETCDCTL_CACERT")]
+    cacert: Option<PathBuf>,
+    /// Client certificate.
+    #[arg(long, env = "ETCDCTL_CERT")]
+    cert: Option<PathBuf>,
+    /// Client key.
+    #[arg(long = "key", env = "ETCDCTL_KEY")]
+    key_file: Option<PathBuf>,
 }
 
 /// Where etcd is, and etcdctl's TLS flags.
@@ -109,25 +209,23 @@ struct EtcdArgs {
         default_value = "http://127.0.0.1:2379"
     )]
     etcd: Vec<String>,
-    /// CA bundle for etcd's serving certificate.
-    #[arg(long, env = "ETCDCTL_CACERT")]
-    cacert: Option<PathBuf>,
-    /// Client certificate.
-    #[arg(long, env = "ETCDCTL_CERT")]
-    cert: Option<PathBuf>,
-    /// Client key.
-    #[arg(long = "key", env = "ETCDCTL_KEY")]
-    key_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: EtcdTlsArgs,
 }
 
 impl EtcdArgs {
     async fn connect(&self) -> Result<EtcdStore> {
-        let tls = EtcdTls {
+        Ok(EtcdStore::connect(&self.etcd, &self.tls.tls()).await?)
+    }
+}
+
+impl EtcdTlsArgs {
+    fn tls(&self) -> EtcdTls {
+        EtcdTls {
             ca: self.cacert.clone(),
             cert: self.cert.clone(),
             key: self.key_file.clone(),
-        };
-        Ok(EtcdStore::connect(&self.etcd, &tls).await?)
+        }
     }
 }
 
@@ -192,6 +290,62 @@ async fn run(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => demo::run(args).await,
+        Command::Apiserver {
+            etcd,
+            plugin,
+            provider,
+            listen,
+            etcd_prefix,
+            write_kubeconfig,
+        } => apiserver(&etcd, &plugin, &provider, listen, &etcd_prefix, write_kubeconfig).await,
+        Command::Verify {
+            cluster,
+            etcd,
+            provider,
+            key_id,
+            namespace,
+        } => {
+            let expect = verify::Expect {
+                namespace,
+                keys: Keys::new(&cluster.etcd_prefix),
+                provider,
+                key_id,
+            };
+            let client = cluster::client(cluster.kubeconfig.as_deref()).await?;
+            let verdict = verify::verify(client, &etcd.connect().await?, &expect).await?;
+            for line in &verdict.lines {
+                println!("{line}");
+            }
+            Ok(if verdict.passed() {
+                println!("verified: Secrets written through the API are stored encrypted as expected");
+                ExitCode::SUCCESS
+            } else {
+                println!("NOT verified: {}", verdict.failures.join("; "));
+                ExitCode::from(EXIT_CHECK_FAILED)
+            })
+        }
+        Command::Rewrite {
+            cluster,
+            namespace,
+            qps,
+            page,
+            checkpoint,
+            etcd,
+            key_id,
+            etcd_tls,
+        } => {
+            let etcd = match etcd {
+                Some(endpoints) => Some(EtcdStore::connect(&endpoints, &etcd_tls.tls()).await?),
+                None => None,
+            };
+            let options = rewrite::Options {
+                namespace,
+                qps,
+                page,
+                checkpoint,
+            };
+            run_rewrite(&cluster, etcd.as_ref(), key_id, &options).await
+        }
         Command::Conformance { plugin } => {
             println!("conformance of {} to the KMS v2 contract", plugin.plugin);
             let report = conformance::run(&plugin.plugin).await;
@@ -308,4 +462,106 @@ async fn put(
     let stored = storage.put(key, &plaintext).await?;
     println!("{key}: {}", audit::classify(&stored));
     Ok(())
+}
+
+async fn apiserver(
+    etcd: &EtcdArgs,
+    plugin: &PluginArgs,
+    provider: &str,
+    listen: std::net::SocketAddr,
+    etcd_prefix: &str,
+    write_kubeconfig: Option<PathBuf>,
+) -> Result<ExitCode> {
+    let storage = Storage::new(etcd.connect().await?, envelope(plugin, provider).await?);
+    let secrets = Secrets::new(storage, Keys::new(etcd_prefix));
+    let mut server = ApiServer::start(secrets, listen).await?;
+    println!(
+        "serving the Secrets API on {} (provider {provider}, etcd {})",
+        server.url(),
+        etcd.etcd.join(",")
+    );
+    if let Some(path) = write_kubeconfig {
+        server.write_kubeconfig(&path)?;
+        println!("kubeconfig: {}", path.display());
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        served = server.serve() => served?,
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    server.stop().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_rewrite(
+    cluster: &ClusterArgs,
+    etcd: Option<&EtcdStore>,
+    key_id: Option<String>,
+    options: &rewrite::Options,
+) -> Result<ExitCode> {
+    let client = cluster::client(cluster.kubeconfig.as_deref()).await?;
+    let keys = Keys::new(&cluster.etcd_prefix);
+    // The key ID the apiserver writes under now: what every Secret must end under.
+    let expected = match (etcd, key_id) {
+        (Some(_), Some(id)) => Some(id),
+        (Some(etcd), None) => {
+            let expect = verify::Expect {
+                namespace: options.namespace.clone().unwrap_or_else(|| "default".into()),
+                keys: keys.clone(),
+                provider: None,
+                key_id: None,
+            };
+            let verdict = verify::verify(client.clone(), etcd, &expect).await?;
+            let Some(stored) = verdict.stored.clone().filter(|_| verdict.passed()) else {
+                println!("canary: {}", verdict.failures.join("; "));
+                bail!("a Secret written now is not stored as KMS v2: rewriting would not help");
+            };
+            println!(
+                "the apiserver writes under provider {} key_id {}",
+                stored.provider, stored.key_id
+            );
+            Some(stored.key_id)
+        }
+        (None, _) => None,
+    };
+    let progress = indicatif::ProgressBar::new(0);
+    let report = rewrite::rewrite(client, options, &progress).await?;
+    if let Some(after) = &report.resumed_after {
+        println!("resumed after {after}");
+    }
+    println!("rewrite: {report}");
+    let (Some(etcd), Some(expected)) = (etcd, expected) else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let prefix = match &options.namespace {
+        Some(ns) => format!("{}/secrets/{ns}/", keys.prefix()),
+        None => format!("{}/secrets/", keys.prefix()),
+    };
+    let mut audit = Audit::new();
+    etcd.scan(prefix.as_bytes(), |key, value| {
+        audit.add(key, value);
+    })
+    .await?;
+    print!("{audit}");
+    let others: usize = audit
+        .kms_v2_key_ids()
+        .iter()
+        .filter(|(id, _)| **id != expected)
+        .map(|(_, n)| n)
+        .sum();
+    let not_kms = audit.total() - audit.count("kms-v2");
+    if others == 0 && not_kms == 0 {
+        println!(
+            "verdict: all {} Secrets under {prefix} are KMS v2 under key_id {expected}",
+            audit.total()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!(
+            "verdict: {others} Secret(s) under another key_id, {not_kms} not KMS v2 ({} in clear)",
+            audit.in_clear().len()
+        );
+        Ok(ExitCode::from(EXIT_CHECK_FAILED))
+    }
 }

@@ -96,6 +96,33 @@ fn an_interrupted_demo_stops_etcd_and_kleidi_and_removes_their_files() {
         .by_ref()
         .any(|line| line.unwrap().contains("keep running until Ctrl-C"));
     assert!(held, "demo --keep-running ended by itself");
+    // It serves the Secrets API and prints a kubeconfig: `verify` (kube-rs) goes through it.
+    let kubeconfig = lines
+        .by_ref()
+        .find_map(|line| {
+            line.unwrap()
+                .trim()
+                .strip_prefix("kubeconfig ")
+                .map(str::to_owned)
+        })
+        .expect("demo --keep-running prints a kubeconfig");
+    let verify = Command::new(env!("CARGO_BIN_EXE_kleidi-harness"))
+        .args([
+            "verify",
+            "--kubeconfig",
+            &kubeconfig,
+            "--etcd",
+            &format!("http://{etcd}"),
+        ])
+        .args(["--provider", "kleidi"])
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
     assert!(
         std::net::TcpStream::connect(&etcd).is_ok(),
         "etcd should be up while the demo runs"

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn, TxnOp,
+};
 use zeroize::Zeroizing;
 
 use super::{Envelope, Error};
@@ -50,6 +52,35 @@ pub enum StoreError {
     /// The envelope refused to write or read the value.
     #[error(transparent)]
     Envelope(#[from] Error),
+}
+
+impl StoreError {
+    /// Whether etcd refused a read at a revision it has compacted away (the apiserver's 410 Expired).
+    pub fn is_compacted(&self) -> bool {
+        matches!(self, Self::Etcd { source, .. } if source.to_string().contains("compacted"))
+    }
+}
+
+/// One value with the revision that last modified it (kube-apiserver's `resourceVersion`).
+#[derive(Clone, Debug)]
+pub struct Versioned {
+    /// The etcd key.
+    pub key: Vec<u8>,
+    /// The raw value.
+    pub value: Vec<u8>,
+    /// etcd's `mod_revision` of the key.
+    pub mod_revision: i64,
+}
+
+/// One page of a range read at a fixed revision (a consistent snapshot across pages).
+#[derive(Clone, Debug)]
+pub struct Page {
+    /// The values, in key order.
+    pub items: Vec<Versioned>,
+    /// The revision the page was read at (etcd's header revision for a read "now").
+    pub revision: i64,
+    /// How many keys in the range follow this page.
+    pub remaining: i64,
 }
 
 /// Raw access to etcd: bytes in, bytes out, nothing decoded.
@@ -115,6 +146,78 @@ impl EtcdStore {
         let mut kv = self.client.kv_client();
         let response = kv.delete(key, None).await.map_err(|e| self.failed(e))?;
         Ok(response.deleted() > 0)
+    }
+
+    /// The value at `key` with its `mod_revision`, if any.
+    pub async fn get_versioned(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let response = kv.get(key, None).await.map_err(|e| self.failed(e))?;
+        Ok(response.kvs().first().map(|kv| Versioned {
+            key: kv.key().to_vec(),
+            value: kv.value().to_vec(),
+            mod_revision: kv.mod_revision(),
+        }))
+    }
+
+    /// Writes `value` at `key` only if the key's `mod_revision` is `expected` (0: the key does not
+    /// exist), as kube-apiserver's create and guaranteed update do. The new revision, or `None` when
+    /// the key changed meanwhile.
+    pub async fn put_if(&self, key: &[u8], value: Vec<u8>, expected: i64) -> Result<Option<i64>, StoreError> {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
+            .and_then([TxnOp::put(key, value, None)]);
+        self.txn_revision(txn).await
+    }
+
+    /// Deletes `key` only if its `mod_revision` is `expected`. The revision of the delete, or `None`
+    /// when the key changed (or vanished) meanwhile.
+    pub async fn delete_if(&self, key: &[u8], expected: i64) -> Result<Option<i64>, StoreError> {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
+            .and_then([TxnOp::delete(key, None)]);
+        self.txn_revision(txn).await
+    }
+
+    async fn txn_revision(&self, txn: Txn) -> Result<Option<i64>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let response = kv.txn(txn).await.map_err(|e| self.failed(e))?;
+        Ok(response
+            .succeeded()
+            .then(|| response.header().map_or(0, |h| h.revision())))
+    }
+
+    /// At most `limit` values (0: all) from `start` up to the end of `prefix`, read at `revision`
+    /// (0: now), with how many more follow. Reading an old revision after compaction fails
+    /// ([`StoreError::is_compacted`]).
+    pub async fn page(
+        &self,
+        prefix: &[u8],
+        start: &[u8],
+        limit: i64,
+        revision: i64,
+    ) -> Result<Page, StoreError> {
+        let mut kv = self.client.kv_client();
+        let options = GetOptions::new()
+            .with_range(prefix_end(prefix))
+            .with_limit(limit)
+            .with_revision(revision);
+        let response = kv.get(start, Some(options)).await.map_err(|e| self.failed(e))?;
+        let items: Vec<Versioned> = response
+            .kvs()
+            .iter()
+            .map(|kv| Versioned {
+                key: kv.key().to_vec(),
+                value: kv.value().to_vec(),
+                mod_revision: kv.mod_revision(),
+            })
+            .collect();
+        let returned = i64::try_from(items.len()).unwrap_or(i64::MAX);
+        Ok(Page {
+            revision: response.header().map_or(revision, |h| h.revision()),
+            // `count` is every key in the range, `limit` notwithstanding.
+            remaining: response.count().saturating_sub(returned).max(0),
+            items,
+        })
     }
 
     /// Every key and value under `prefix`, in key order, read in pages.
@@ -222,6 +325,18 @@ impl Storage {
         let value = self.envelope.write(key, plaintext)?;
         self.etcd.put(key.as_bytes(), value.clone()).await?;
         Ok(value)
+    }
+
+    /// Encrypts `plaintext` for `key` and writes it only if the key's `mod_revision` is `expected`
+    /// (0: create). The new revision, or `None` when the key changed meanwhile.
+    pub async fn put_if(
+        &self,
+        key: &str,
+        plaintext: &[u8],
+        expected: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let value = self.envelope.write(key, plaintext)?;
+        self.etcd.put_if(key.as_bytes(), value, expected).await
     }
 
     /// Reads and decrypts the value at `key`: the plaintext, and whether it is stale (written under
