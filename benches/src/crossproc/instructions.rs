@@ -128,17 +128,22 @@ pub(super) fn count(
         _ => None,
     };
 
+    let [k_enc, k_dec] = kleidi_counts;
+    let [t_enc, t_dec] = trivial_counts;
+    let paths = [
+        (Method::Encrypt, k_enc, t_enc, peer_counts.map(|[p, _]| p)),
+        (Method::Decrypt, k_dec, t_dec, peer_counts.map(|[_, p]| p)),
+    ];
     let mut rows = Vec::new();
-    for (i, method) in [Method::Encrypt, Method::Decrypt].into_iter().enumerate() {
+    for (method, k, t, peer) in paths {
         let raw = raw_count(cfg, b, bao, method, &dir)?;
-        let (k, t) = (kleidi_counts[i], trivial_counts[i]);
         rows.push(InsnRow {
             backend: b.name.into(),
             method: method.name().into(),
             kleidi: k,
             trivial: t,
             raw,
-            peer: peer_counts.map(|p| p[i]),
+            peer,
             ratio: k as f64 / (t + raw).max(1) as f64,
         });
     }
@@ -165,9 +170,9 @@ fn start(
 
 /// Instructions per Encrypt and per Decrypt of `server` (in that order).
 fn per_method(rts: &Rts, server: &Server, out: &Path) -> anyhow::Result<[u64; 2]> {
-    let mut counts = [0; 2];
-    for (i, method) in [Method::Encrypt, Method::Decrypt].into_iter().enumerate() {
-        counts[i] = rts.seq.block_on(async {
+    let mut counts = Vec::with_capacity(2);
+    for method in [Method::Encrypt, Method::Decrypt] {
+        counts.push(rts.seq.block_on(async {
             let mut client = connect(&server.socket).await?;
             let wrapped = wrap(&mut client).await?;
             // Warm: first calls fill caches, pools and the health verdict.
@@ -189,9 +194,12 @@ fn per_method(rts: &Rts, server: &Server, out: &Path) -> anyhow::Result<[u64; 2]
                 .find(|d| !seen.contains(d))
                 .with_context(|| format!("{}: callgrind wrote no dump", server.name))?;
             Ok(total(&dump)? / CALLS)
-        })?;
+        })?);
     }
-    Ok(counts)
+    match counts[..] {
+        [encrypt, decrypt] => Ok([encrypt, decrypt]),
+        _ => bail!("{}: expected two counts", server.name),
+    }
 }
 
 /// Runs `callgrind_control FLAG PID`, sending Status calls until it returns (callgrind acts on it
