@@ -226,39 +226,6 @@ fn unique() -> u128 {
         .as_nanos()
 }
 
-async fn status(k: &Kleidi) -> v2::StatusResponse {
-    k.v2()
-        .await
-        .status(v2::StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn encrypt(k: &Kleidi, plaintext: &[u8]) -> Result<v2::EncryptResponse, tonic::Status> {
-    k.v2()
-        .await
-        .encrypt(v2::EncryptRequest {
-            plaintext: plaintext.to_vec(),
-            uid: uuid::Uuid::new_v4().to_string(),
-        })
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-async fn decrypt(k: &Kleidi, wrapped: &v2::EncryptResponse) -> Result<Vec<u8>, tonic::Status> {
-    k.v2()
-        .await
-        .decrypt(v2::DecryptRequest {
-            ciphertext: wrapped.ciphertext.clone(),
-            uid: uuid::Uuid::new_v4().to_string(),
-            key_id: wrapped.key_id.clone(),
-            annotations: wrapped.annotations.clone(),
-        })
-        .await
-        .map(|r| r.into_inner().plaintext)
-}
-
 /// Polls Status until `done` holds for it, for at most `limit`.
 async fn status_until(
     k: &Kleidi,
@@ -267,7 +234,7 @@ async fn status_until(
 ) -> v2::StatusResponse {
     let started = Instant::now();
     loop {
-        let s = status(k).await;
+        let s = k.status().await;
         if done(&s) {
             return s;
         }
@@ -285,7 +252,7 @@ async fn v2_and_v1beta1_round_trip_and_status_and_encrypt_agree_on_the_key_id() 
     let moto = Moto::start();
     let arn = moto.create_key_with_alias();
     let k = kleidi(&moto, "alias/kek", "prod-eu", &[]);
-    let s = status(&k).await;
+    let s = k.status().await;
     assert_eq!((s.version.as_str(), s.healthz.as_str()), ("v2", "ok"));
     assert_eq!(
         s.key_id,
@@ -294,14 +261,14 @@ async fn v2_and_v1beta1_round_trip_and_status_and_encrypt_agree_on_the_key_id() 
     );
 
     let plain = seed();
-    let wrapped = encrypt(&k, &plain).await.unwrap();
+    let wrapped = k.encrypt(&plain).await.unwrap();
     assert_eq!(wrapped.key_id, s.key_id, "Encrypt and Status must agree");
     assert!(wrapped.ciphertext.len() <= 1024 && !wrapped.ciphertext.windows(32).any(|w| w == plain));
     assert_eq!(
         wrapped.annotations.get("format.kleidi.dev").map(Vec::as_slice),
         Some(&b"aws-kms-ec/1"[..])
     );
-    assert_eq!(decrypt(&k, &wrapped).await.unwrap(), plain);
+    assert_eq!(k.decrypt(&wrapped).await.unwrap(), plain);
 
     // Tampered blob, a key_id naming no KMS key, another backend's format: bad input, not an outage.
     let mut flipped = wrapped.clone();
@@ -314,11 +281,11 @@ async fn v2_and_v1beta1_round_trip_and_status_and_encrypt_agree_on_the_key_id() 
         .annotations
         .insert("format.kleidi.dev".into(), b"vault-transit-aad/1".to_vec());
     for bad in [&flipped, &relabelled, &reformatted] {
-        let err = decrypt(&k, bad).await.unwrap_err();
+        let err = k.decrypt(bad).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     }
     assert_eq!(
-        status(&k).await.healthz,
+        k.status().await.healthz,
         "ok",
         "bad input must not make the plugin unhealthy"
     );
@@ -355,15 +322,15 @@ async fn status_polls_within_the_health_interval_make_no_kms_call() {
     let moto = Moto::start();
     moto.create_key_with_alias();
     let k = kleidi(&moto, "alias/kek", "prod-eu", &["--health-ok-ttl", "30s"]);
-    assert_eq!(status(&k).await.healthz, "ok");
+    assert_eq!(k.status().await.healthz, "ok");
     let before = moto.requests();
     for _ in 0..40 {
-        assert_eq!(status(&k).await.healthz, "ok");
+        assert_eq!(k.status().await.healthz, "ok");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert_eq!(moto.requests(), before, "a Status poll reached KMS");
     // And the counter counts: one Encrypt is one request.
-    encrypt(&k, &seed()).await.unwrap();
+    k.encrypt(&seed()).await.unwrap();
     let logged = Instant::now();
     while moto.requests() == before && logged.elapsed() < Duration::from_secs(2) {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -377,21 +344,21 @@ async fn a_rotation_changes_the_key_id_within_one_health_interval_and_old_seeds_
     let moto = Moto::start();
     let arn = moto.create_key_with_alias();
     let k = kleidi(&moto, "alias/kek", "prod-eu", &["--health-ok-ttl", "500ms"]);
-    let before = status(&k).await;
+    let before = k.status().await;
     let plain = seed();
-    let old = encrypt(&k, &plain).await.unwrap();
+    let old = k.encrypt(&plain).await.unwrap();
     moto.boto(&format!("kms.rotate_key_on_demand(KeyId='{arn}')"));
     let after = status_until(&k, Duration::from_secs(5), |s| s.key_id != before.key_id).await;
     assert_eq!(after.key_id, format!("aws-kms:{arn}:v2"));
     assert_eq!(after.healthz, "ok");
-    let new = encrypt(&k, &plain).await.unwrap();
+    let new = k.encrypt(&plain).await.unwrap();
     assert_eq!(new.key_id, after.key_id);
     assert_eq!(
-        decrypt(&k, &old).await.unwrap(),
+        k.decrypt(&old).await.unwrap(),
         plain,
         "a seed wrapped before the rotation"
     );
-    assert_eq!(decrypt(&k, &new).await.unwrap(), plain);
+    assert_eq!(k.decrypt(&new).await.unwrap(), plain);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -401,21 +368,21 @@ async fn moving_the_alias_switches_the_key_and_seeds_of_the_previous_key_still_d
     let second = moto.create_key();
     let k = kleidi(&moto, "alias/kek", "prod-eu", &["--health-ok-ttl", "500ms"]);
     let plain = seed();
-    let old = encrypt(&k, &plain).await.unwrap();
+    let old = k.encrypt(&plain).await.unwrap();
     assert_eq!(old.key_id, format!("aws-kms:{first}:v1"));
     moto.boto(&format!(
         "kms.update_alias(AliasName='alias/kek', TargetKeyId='{second}')"
     ));
     let moved = status_until(&k, Duration::from_secs(5), |s| s.key_id != old.key_id).await;
     assert_eq!(moved.key_id, format!("aws-kms:{second}:v1"));
-    let new = encrypt(&k, &plain).await.unwrap();
+    let new = k.encrypt(&plain).await.unwrap();
     assert_eq!(new.key_id, moved.key_id);
     assert_eq!(
-        decrypt(&k, &old).await.unwrap(),
+        k.decrypt(&old).await.unwrap(),
         plain,
         "decrypted with the key that wrapped it"
     );
-    assert_eq!(decrypt(&k, &new).await.unwrap(), plain);
+    assert_eq!(k.decrypt(&new).await.unwrap(), plain);
 }
 
 /// AWS KMS refuses Encrypt with a disabled key (DisabledException); moto does not, so what this
@@ -431,24 +398,24 @@ async fn a_disabled_key_is_never_healthy_encrypt_fails_with_its_class_and_enabli
         &["--health-ok-ttl", "500ms", "--health-err-ttl", "300ms"],
     );
     let plain = seed();
-    let wrapped = encrypt(&k, &plain).await.unwrap();
+    let wrapped = k.encrypt(&plain).await.unwrap();
     moto.boto(&format!("kms.disable_key(KeyId='{}')", key_uuid(&arn)));
     let down = status_until(&k, Duration::from_secs(5), |s| s.healthz != "ok").await;
     assert!(down.healthz.contains("key_disabled"), "{}", down.healthz);
-    let err = encrypt(&k, &plain).await.unwrap_err();
+    let err = k.encrypt(&plain).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("key_disabled"), "{}", err.message());
     // Still unhealthy on every later poll: nothing but the key coming back makes it ok.
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_ne!(status(&k).await.healthz, "ok");
+        assert_ne!(k.status().await.healthz, "ok");
     }
 
     moto.boto(&format!("kms.enable_key(KeyId='{}')", key_uuid(&arn)));
     status_until(&k, Duration::from_secs(5), |s| s.healthz == "ok").await;
-    let again = encrypt(&k, &plain).await.unwrap();
-    assert_eq!(decrypt(&k, &again).await.unwrap(), plain);
-    assert_eq!(decrypt(&k, &wrapped).await.unwrap(), plain);
+    let again = k.encrypt(&plain).await.unwrap();
+    assert_eq!(k.decrypt(&again).await.unwrap(), plain);
+    assert_eq!(k.decrypt(&wrapped).await.unwrap(), plain);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -458,15 +425,15 @@ async fn a_seed_wrapped_for_one_cluster_does_not_decrypt_in_another() {
     let a = kleidi(&moto, "alias/kek", "cluster-a", &[]);
     let b = kleidi(&moto, "alias/kek", "cluster-b", &[]);
     let plain = seed();
-    let wrapped = encrypt(&a, &plain).await.unwrap();
-    let err = decrypt(&b, &wrapped).await.unwrap_err();
+    let wrapped = a.encrypt(&plain).await.unwrap();
+    let err = b.decrypt(&wrapped).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert_eq!(
-        status(&b).await.healthz,
+        b.status().await.healthz,
         "ok",
         "a foreign seed is bad input, not an outage"
     );
-    assert_eq!(decrypt(&a, &wrapped).await.unwrap(), plain);
+    assert_eq!(a.decrypt(&wrapped).await.unwrap(), plain);
 
     // The same cluster, another provider name: also refused.
     let other_provider = kleidi(
@@ -475,7 +442,7 @@ async fn a_seed_wrapped_for_one_cluster_does_not_decrypt_in_another() {
         "cluster-a",
         &["--aws-encryption-context-provider", "kms-2"],
     );
-    let err = decrypt(&other_provider, &wrapped).await.unwrap_err();
+    let err = other_provider.decrypt(&wrapped).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 }
 
@@ -492,11 +459,11 @@ async fn kms_stopped_makes_calls_unavailable_and_a_restarted_kms_is_used_again_w
         &["--health-ok-ttl", "500ms", "--health-err-ttl", "300ms"],
     );
     let plain = seed();
-    encrypt(&k, &plain).await.unwrap();
+    k.encrypt(&plain).await.unwrap();
 
     moto.stop();
     let started = Instant::now();
-    let err = encrypt(&k, &plain).await.unwrap_err();
+    let err = k.encrypt(&plain).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("network"), "{}", err.message());
     assert!(
@@ -511,8 +478,8 @@ async fn kms_stopped_makes_calls_unavailable_and_a_restarted_kms_is_used_again_w
     let arn = moto.create_key_with_alias();
     let up = status_until(&k, Duration::from_secs(10), |s| s.healthz == "ok").await;
     assert_eq!(up.key_id, format!("aws-kms:{arn}:v1"));
-    let wrapped = encrypt(&k, &plain).await.unwrap();
-    assert_eq!(decrypt(&k, &wrapped).await.unwrap(), plain);
+    let wrapped = k.encrypt(&plain).await.unwrap();
+    assert_eq!(k.decrypt(&wrapped).await.unwrap(), plain);
 }
 
 /// A node that boots before KMS answers (network down, endpoint not up yet) serves anyway and
@@ -526,17 +493,17 @@ async fn kleidi_started_before_kms_serves_unavailable_then_works_without_a_resta
         "prod-eu",
         &["--health-ok-ttl", "500ms", "--health-err-ttl", "300ms"],
     );
-    let down = status(&k).await;
+    let down = k.status().await;
     assert!(down.healthz.contains("network"), "{}", down.healthz);
-    assert_eq!(encrypt(&k, &seed()).await.unwrap_err().code(), Code::Unavailable);
+    assert_eq!(k.encrypt(&seed()).await.unwrap_err().code(), Code::Unavailable);
     moto.restart();
     let arn = moto.create_key_with_alias();
     let up = status_until(&k, Duration::from_secs(10), |s| s.healthz == "ok").await;
     assert_eq!(up.key_id, format!("aws-kms:{arn}:v1"));
     let plain = seed();
-    let wrapped = encrypt(&k, &plain).await.unwrap();
+    let wrapped = k.encrypt(&plain).await.unwrap();
     assert_eq!(wrapped.key_id, up.key_id);
-    assert_eq!(decrypt(&k, &wrapped).await.unwrap(), plain);
+    assert_eq!(k.decrypt(&wrapped).await.unwrap(), plain);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -584,7 +551,7 @@ async fn sixteen_concurrent_callers_round_trip_without_an_error() {
         "{} of 16 callers failed: {errors:?}",
         errors.len()
     );
-    assert_eq!(status(&k).await.healthz, "ok");
+    assert_eq!(k.status().await.healthz, "ok");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -686,8 +653,8 @@ async fn trace_logging_carries_no_seed_and_no_credential() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let plain = seed();
-    let wrapped = encrypt(&k, &plain).await.unwrap();
-    assert_eq!(decrypt(&k, &wrapped).await.unwrap(), plain);
+    let wrapped = k.encrypt(&plain).await.unwrap();
+    assert_eq!(k.decrypt(&wrapped).await.unwrap(), plain);
     let logs = k.logs();
     assert!(logs.contains("TRACE"), "not at trace level: {logs}");
     let b64 = base64::engine::general_purpose::STANDARD.encode(&plain);
@@ -809,10 +776,10 @@ async fn throttled_encrypts_are_retried_within_the_call_timeout() {
         ];
         let k = Kleidi::serve(dir.path(), &format!("throttle-{succeeds}"), &args, &env);
         // Served only once the start-up probe (whose round trip encrypts too) is done.
-        status(&k).await;
+        k.status().await;
         encrypts.store(0, Ordering::SeqCst);
         let started = Instant::now();
-        let answer = encrypt(&k, &seed()).await;
+        let answer = k.encrypt(&seed()).await;
         let took = started.elapsed();
         let sent = encrypts.load(Ordering::SeqCst);
         if succeeds {

@@ -110,15 +110,6 @@ impl Load {
     }
 }
 
-async fn status(k: &Kleidi) -> v2::StatusResponse {
-    k.v2()
-        .await
-        .status(v2::StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 /// Loses `what` (moved away) for `outage` under load, restores it, and checks that the same process
 /// serves again: every call fails UNAVAILABLE while the token is gone, the first success comes
 /// within `recovery` of the return, every call from 2 s after that succeeds, a seed wrapped before
@@ -144,7 +135,7 @@ async fn lose_and_restore(token: &Token, what: PathBuf, outage: Duration, recove
     let lost_at = load.started.elapsed();
     std::fs::rename(&what, &away).unwrap();
     tokio::time::sleep(outage).await;
-    assert_ne!(status(&k).await.healthz, "ok", "Status must show the loss");
+    assert_ne!(k.status().await.healthz, "ok", "Status must show the loss");
     std::fs::rename(&away, &what).unwrap();
     let back_at = load.started.elapsed();
     tokio::time::sleep(recovery + Duration::from_secs(4)).await;
@@ -204,7 +195,7 @@ async fn lose_and_restore(token: &Token, what: PathBuf, outage: Duration, recove
         plain, before_seed,
         "a seed wrapped before the loss unwraps after it"
     );
-    let st = status(&k).await;
+    let st = k.status().await;
     assert_eq!(
         st.healthz, "ok",
         "real calls succeed again, so Status must say so"

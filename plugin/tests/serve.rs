@@ -50,20 +50,11 @@ async fn decrypt_parts(
         .map(|r| r.into_inner().plaintext)
 }
 
-async fn status(k: &Kleidi) -> v2::StatusResponse {
-    k.v2()
-        .await
-        .status(v2::StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 #[tokio::test]
 async fn v2_seed_round_trips_through_the_socket_with_the_status_key_id() {
     let token = Token::new();
     let k = Kleidi::start(&token, KEK, &[]);
-    let st = status(&k).await;
+    let st = k.status().await;
     assert_eq!((st.version.as_str(), st.healthz.as_str()), ("v2", "ok"));
     assert!(st.key_id.starts_with("pkcs11:kek-1:"), "{}", st.key_id);
 
@@ -142,14 +133,14 @@ async fn v1beta1_dek_round_trips_for_clusters_still_on_kms_v1() {
 async fn status_version_flag_serves_1_27_and_1_28_clusters() {
     let token = Token::new();
     let k = Kleidi::start(&token, KEK, &["--status-version", "v2beta1"]);
-    assert_eq!(status(&k).await.version, "v2beta1");
+    assert_eq!(k.status().await.version, "v2beta1");
 }
 
 #[tokio::test]
 async fn rotation_to_a_new_key_label_changes_key_id_and_old_seeds_still_decrypt() {
     let token = Token::new();
     let mut k = Kleidi::start(&token, KEK, &[]);
-    let old_status = status(&k).await;
+    let old_status = k.status().await;
     let s = seed();
     let old = encrypt(&k, s.clone()).await.unwrap();
 
@@ -157,7 +148,7 @@ async fn rotation_to_a_new_key_label_changes_key_id_and_old_seeds_still_decrypt(
     k.signal("TERM");
     assert_eq!(k.wait(Duration::from_secs(10)), Some(0));
     let k2 = Kleidi::start(&token, "kek-2", &[]);
-    let new_status = status(&k2).await;
+    let new_status = k2.status().await;
     assert_ne!(new_status.key_id, old_status.key_id);
     assert_eq!(encrypt(&k2, seed()).await.unwrap().key_id, new_status.key_id);
     assert_eq!(
@@ -171,11 +162,11 @@ async fn rotation_to_a_new_key_label_changes_key_id_and_old_seeds_still_decrypt(
 async fn pkcs11_init_is_idempotent() {
     let token = Token::new();
     let k = Kleidi::start(&token, KEK, &[]);
-    let before = status(&k).await.key_id;
+    let before = k.status().await.key_id;
     token.init_key(KEK); // again: must neither re-initialize the token nor replace the key
     drop(k);
     let k = Kleidi::start(&token, KEK, &[]);
-    assert_eq!(status(&k).await.key_id, before);
+    assert_eq!(k.status().await.key_id, before);
 }
 
 /// One bad request to either service.
@@ -463,7 +454,7 @@ async fn bad_input_table_over_both_services_gets_clear_statuses_and_loses_nothin
         k.logs()
     );
     assert_eq!(
-        status(&k).await.healthz,
+        k.status().await.healthz,
         "ok",
         "bad input must not make the plugin unhealthy"
     );
@@ -549,7 +540,7 @@ async fn token_loss_is_unavailable_and_the_same_process_recovers_when_it_returns
         "a lost token is not bad ciphertext: {err:?}"
     );
     tokio::time::sleep(Duration::from_millis(250)).await;
-    let st = status(&k).await;
+    let st = k.status().await;
     assert_ne!(st.healthz, "ok");
     assert_eq!(st.key_id, before.key_id, "the last known key_id stays in Status");
 
@@ -570,7 +561,7 @@ async fn token_loss_is_unavailable_and_the_same_process_recovers_when_it_returns
     assert_eq!(plain, s);
     assert_eq!(encrypt(&k, seed()).await.unwrap().key_id, before.key_id);
     tokio::time::sleep(Duration::from_millis(250)).await;
-    assert_eq!(status(&k).await.healthz, "ok");
+    assert_eq!(k.status().await.healthz, "ok");
     assert!(k.logs().contains("token_lost"));
 }
 
@@ -578,7 +569,7 @@ async fn token_loss_is_unavailable_and_the_same_process_recovers_when_it_returns
 async fn sigterm_stops_gracefully_and_removes_the_socket() {
     let token = Token::new();
     let mut k = Kleidi::start(&token, KEK, &[]);
-    assert_eq!(status(&k).await.healthz, "ok");
+    assert_eq!(k.status().await.healthz, "ok");
     k.signal("TERM");
     assert_eq!(k.wait(Duration::from_secs(10)), Some(0));
     assert!(!k.socket.exists(), "socket left behind");
@@ -613,7 +604,7 @@ async fn a_crashed_instance_socket_is_replaced_but_a_live_one_is_not_stolen() {
             .contains("another process is serving")
     );
     assert_eq!(
-        status(&first).await.healthz,
+        first.status().await.healthz,
         "ok",
         "the live instance keeps its socket"
     );
@@ -622,7 +613,7 @@ async fn a_crashed_instance_socket_is_replaced_but_a_live_one_is_not_stolen() {
     first.wait(Duration::from_secs(10));
     assert!(first.socket.exists(), "a crash leaves the socket file behind");
     let again = Kleidi::start(&token, KEK, &[]);
-    assert_eq!(status(&again).await.healthz, "ok");
+    assert_eq!(again.status().await.healthz, "ok");
 }
 
 #[tokio::test]

@@ -22,7 +22,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use super::measure::{Method, connect, sequential, wrap};
-use super::procs::{self, Server};
+use super::procs::Server;
 use super::raw::{RawHsm, RawVault};
 use super::{Backend, Config, KEK, PIN, Rts, SOFTHSM_MODULE, TOKEN};
 use crate::OpenBao;
@@ -114,12 +114,8 @@ pub(super) fn count(
         (Some(bao), Some(bin)) => {
             let sock = cfg.work.join("cg-peer.sock");
             let mut cmd = under_callgrind(&dir.join("peer.out"));
-            cmd.arg(bin)
-                .env("SOCKET_PATH", &sock)
-                .env("VAULT_ADDRESS", &bao.addr)
-                .env("VAULT_TOKEN", crate::ROOT)
-                .env("VAULT_TRANSIT_KEY", crate::KEY)
-                .env("HTTP_ADDRESS", format!("127.0.0.1:{}", procs::free_port()?));
+            cmd.arg(bin);
+            super::peer_env(&mut cmd, &sock, bao)?;
             let peer = start(rts, "peer (callgrind)", cmd, &sock, &dir.join("peer.log"), true)?;
             let counts = per_method(rts, &peer, &dir.join("peer.out"))?;
             drop(peer);

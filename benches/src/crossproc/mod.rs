@@ -410,6 +410,17 @@ fn start_kleidi(cfg: &Config, rts: &Rts, b: &Backend, extra: &[&str], tag: &str)
     ))
 }
 
+/// The peer's configuration (it reads only environment variables): `sock`, the bench's OpenBao,
+/// root token and transit key, and a free loopback port for its health endpoint.
+fn peer_env(cmd: &mut Command, sock: &Path, bao: &OpenBao) -> anyhow::Result<()> {
+    cmd.env("SOCKET_PATH", sock)
+        .env("VAULT_ADDRESS", &bao.addr)
+        .env("VAULT_TOKEN", crate::ROOT)
+        .env("VAULT_TRANSIT_KEY", crate::KEY)
+        .env("HTTP_ADDRESS", format!("127.0.0.1:{}", procs::free_port()?));
+    Ok(())
+}
+
 /// Transit requests in OpenBao's audit log so far (one "request" entry per HTTP request).
 fn transit_requests(audit: Option<&Path>) -> Option<u64> {
     let text = std::fs::read_to_string(audit?).ok()?;
@@ -507,11 +518,7 @@ fn bench_backend(
         (Some(bao), Some(bin)) => {
             let sock = cfg.work.join("peer.sock");
             let mut cmd = Command::new(bin);
-            cmd.env("SOCKET_PATH", &sock)
-                .env("VAULT_ADDRESS", &bao.addr)
-                .env("VAULT_TOKEN", crate::ROOT)
-                .env("VAULT_TRANSIT_KEY", crate::KEY)
-                .env("HTTP_ADDRESS", format!("127.0.0.1:{}", procs::free_port()?));
+            peer_env(&mut cmd, &sock, bao)?;
             let server = rts.seq.block_on(Server::start(
                 "peer",
                 cmd,

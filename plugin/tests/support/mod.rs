@@ -232,6 +232,42 @@ impl Kleidi {
     pub async fn v1(&self) -> v1beta1::key_management_service_client::KeyManagementServiceClient<Channel> {
         v1beta1::key_management_service_client::KeyManagementServiceClient::new(self.channel().await)
     }
+
+    /// A v2 Status that must answer.
+    pub async fn status(&self) -> v2::StatusResponse {
+        self.v2()
+            .await
+            .status(v2::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// A v2 Encrypt of `plaintext` with a fresh uid.
+    pub async fn encrypt(&self, plaintext: &[u8]) -> Result<v2::EncryptResponse, tonic::Status> {
+        self.v2()
+            .await
+            .encrypt(v2::EncryptRequest {
+                plaintext: plaintext.to_vec(),
+                uid: uuid::Uuid::new_v4().to_string(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// A v2 Decrypt of what Encrypt answered, with a fresh uid.
+    pub async fn decrypt(&self, wrapped: &v2::EncryptResponse) -> Result<Vec<u8>, tonic::Status> {
+        self.v2()
+            .await
+            .decrypt(v2::DecryptRequest {
+                ciphertext: wrapped.ciphertext.clone(),
+                uid: uuid::Uuid::new_v4().to_string(),
+                key_id: wrapped.key_id.clone(),
+                annotations: wrapped.annotations.clone(),
+            })
+            .await
+            .map(|r| r.into_inner().plaintext)
+    }
 }
 
 impl Drop for Kleidi {
