@@ -72,6 +72,16 @@ pub struct Versioned {
     pub mod_revision: i64,
 }
 
+impl From<&etcd_client::KeyValue> for Versioned {
+    fn from(kv: &etcd_client::KeyValue) -> Self {
+        Self {
+            key: kv.key().to_vec(),
+            value: kv.value().to_vec(),
+            mod_revision: kv.mod_revision(),
+        }
+    }
+}
+
 /// One page of a range read at a fixed revision (a consistent snapshot across pages).
 #[derive(Clone, Debug)]
 pub struct Page {
@@ -152,11 +162,7 @@ impl EtcdStore {
     pub async fn get_versioned(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
         let mut kv = self.client.kv_client();
         let response = kv.get(key, None).await.map_err(|e| self.failed(e))?;
-        Ok(response.kvs().first().map(|kv| Versioned {
-            key: kv.key().to_vec(),
-            value: kv.value().to_vec(),
-            mod_revision: kv.mod_revision(),
-        }))
+        Ok(response.kvs().first().map(Versioned::from))
     }
 
     /// Writes `value` at `key` only if the key's `mod_revision` is `expected` (0: the key does not
@@ -202,15 +208,7 @@ impl EtcdStore {
             .with_limit(limit)
             .with_revision(revision);
         let response = kv.get(start, Some(options)).await.map_err(|e| self.failed(e))?;
-        let items: Vec<Versioned> = response
-            .kvs()
-            .iter()
-            .map(|kv| Versioned {
-                key: kv.key().to_vec(),
-                value: kv.value().to_vec(),
-                mod_revision: kv.mod_revision(),
-            })
-            .collect();
+        let items: Vec<Versioned> = response.kvs().iter().map(Versioned::from).collect();
         let returned = i64::try_from(items.len()).unwrap_or(i64::MAX);
         Ok(Page {
             revision: response.header().map_or(revision, |h| h.revision()),
