@@ -35,19 +35,22 @@ demo: deps
     cargo build --locked -p kleidi -p kleidi-harness
     target/debug/kleidi-harness demo
 
-# Every test that needs no Docker engine: plugin, harness, and the fast scenarios (each ≤ 30 s of
-# load) on the process runtime; scenarios that need containers say SKIPPED and why. Then 10 s of
-# every fuzz target from its committed corpus.
+# Every test that needs no Docker engine: the AWS KMS tests (first: they build the kleidi the
+# aws-kms scenarios run), plugin, harness, and the fast scenarios (each ≤ 30 s of load) on the
+# process runtime; scenarios that need containers say SKIPPED and why. Then 10 s of every fuzz
+# target from its committed corpus.
 test: deps
-    KLEIDI_RUNTIME="${KLEIDI_RUNTIME:-process}" cargo test --workspace --locked
     just test-aws
+    KLEIDI_RUNTIME="${KLEIDI_RUNTIME:-process}" cargo test --workspace --locked
     just fuzz 10
 
 # The AWS KMS backend against a local KMS (moto). Its own build of kleidi with the `aws-kms`
 # feature: in the workspace's test build the SDK would put the debug binary the e2e image is made
-# from over its 40 MB bound. Then the workspace's kleidi binary is put back (no recompilation).
+# from over its 40 MB bound. That build is kept as kleidi-aws-kms, which the scenarios' aws-kms
+# cases run; then the workspace's kleidi binary is put back (no recompilation).
 test-aws:
     cargo test --locked -p kleidi --features aws-kms --test aws_kms
+    cp "${CARGO_TARGET_DIR:-target}/debug/kleidi" "${CARGO_TARGET_DIR:-target}/debug/kleidi-aws-kms"
     cargo test --workspace --locked --no-run
 
 # libFuzzer on every parser a client or a stored value reaches (plugin/fuzz, harness/fuzz), SECONDS

@@ -124,7 +124,7 @@ async fn secrets_read_back_exactly_through_kleidi_and_etcd(
     let cold = c.cold_apiserver().await;
     let (read, _) = cold.get(&key).await.unwrap();
     assert_eq!(*read, plaintext);
-    assert_eq!(cold.envelope.stats().decrypt_calls, 1);
+    assert_eq!(cold.envelope().unwrap().stats().decrypt_calls, 1);
     let parsed = object::parse_secret(&read).unwrap();
     assert_eq!(parsed.data.unwrap_or_default().len(), keys);
 }
@@ -171,7 +171,7 @@ async fn no_byte_run_of_any_written_secret_appears_in_etcd() {
 #[tokio::test]
 async fn rotation_makes_a_new_seed_and_old_secrets_still_read() {
     let mut c = Cluster::start().await;
-    let old_key_id = c.storage.envelope.key_id().unwrap();
+    let old_key_id = c.storage.envelope().unwrap().key_id().unwrap();
     let (old, old_plain) = secret("before-rotation", &[random_bytes(32)], Encoding::Protobuf);
     c.storage.put(&old, &old_plain).await.unwrap();
 
@@ -186,14 +186,20 @@ async fn rotation_makes_a_new_seed_and_old_secrets_still_read() {
         .await
         .unwrap();
 
-    let encrypts_before = c.storage.envelope.stats().encrypt_calls;
-    let probe = c.storage.envelope.refresh().await.unwrap();
+    let encrypts_before = c.storage.envelope().unwrap().stats().encrypt_calls;
+    let probe = c.storage.envelope().unwrap().refresh().await.unwrap();
     assert!(probe.rotated, "a new key_id must make a new seed");
     assert_ne!(probe.key_id, old_key_id);
-    assert_eq!(c.storage.envelope.stats().encrypt_calls, encrypts_before + 1);
+    assert_eq!(
+        c.storage.envelope().unwrap().stats().encrypt_calls,
+        encrypts_before + 1
+    );
     // The same key_id again makes no Encrypt call.
-    assert!(!c.storage.envelope.refresh().await.unwrap().rotated);
-    assert_eq!(c.storage.envelope.stats().encrypt_calls, encrypts_before + 1);
+    assert!(!c.storage.envelope().unwrap().refresh().await.unwrap().rotated);
+    assert_eq!(
+        c.storage.envelope().unwrap().stats().encrypt_calls,
+        encrypts_before + 1
+    );
 
     let (new, new_plain) = secret("after-rotation", &[random_bytes(32)], Encoding::Protobuf);
     c.storage.put(&new, &new_plain).await.unwrap();
@@ -290,7 +296,7 @@ async fn values_tampered_in_etcd_fail_to_read_with_a_clear_error(
         "{text}"
     );
     // The plugin stays healthy: bad ciphertext is the caller's problem, not the backend's.
-    cold.envelope.refresh().await.unwrap();
+    cold.envelope().unwrap().refresh().await.unwrap();
     if !matches!(tamper, Tamper::Moved) {
         return;
     }
@@ -316,7 +322,7 @@ async fn a_plugin_killed_between_write_and_read_loses_nothing() {
         c.storage.etcd.clone(),
         Arc::new(Envelope::new(PROVIDER, Arc::new(kms_lazy(&c.plugin.socket).await)).unwrap()),
     );
-    let err = cold.envelope.refresh().await.unwrap_err();
+    let err = cold.envelope().unwrap().refresh().await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -334,10 +340,10 @@ async fn a_plugin_killed_between_write_and_read_loses_nothing() {
 
     // kleidi starts again on the stale socket; the same cold apiserver recovers and reads.
     c.plugin.restart().await.unwrap();
-    cold.envelope.refresh().await.unwrap();
+    cold.envelope().unwrap().refresh().await.unwrap();
     let (read, _) = cold.get(&key).await.unwrap();
     assert_eq!(*read, plaintext);
-    assert_eq!(cold.envelope.stats().decrypt_calls, 1);
+    assert_eq!(cold.envelope().unwrap().stats().decrypt_calls, 1);
 }
 
 /// A client whose first connection attempt may fail (the plugin is down): tonic reconnects lazily.

@@ -14,14 +14,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kleidi_harness::apiserver::object::{self, Keys};
-use kleidi_harness::apiserver::{Authority, Envelope, Storage, connect_unix};
+use kleidi_harness::apiserver::{Apiservers, Authority, Envelope, Storage, connect_unix, encrypted_object};
 use kleidi_harness::audit::{Audit, Class, classify};
 use kleidi_harness::kubeapi::{ApiServer, Secrets};
 use kleidi_harness::runtime::{Etcd, KleidiPlugin, SoftHsmToken, kleidi_bin};
@@ -82,8 +82,8 @@ impl Cluster {
             .unwrap()
     }
 
-    fn envelope(&self) -> &Envelope {
-        &self.api.secrets().storage().envelope
+    fn envelope(&self) -> Arc<Envelope> {
+        self.api.secrets().storage().envelope().unwrap()
     }
 
     async fn raw(&self, ns: &str, name: &str) -> Option<(Vec<u8>, i64)> {
@@ -413,6 +413,74 @@ async fn verify_passes_on_the_expected_key_and_fails_with_the_reason_otherwise()
         .await
         .unwrap();
     assert_eq!(nothing.status.code(), Some(2), "{}", text(&nothing));
+}
+
+/// The scenarios' Secrets API: it keeps serving while the node's apiserver is restarted cold under
+/// it, and every request after the restart goes through the new envelope (new seed for writes,
+/// an empty cache for reads), none through the old one.
+#[tokio::test]
+async fn a_secrets_api_over_a_node_uses_whichever_apiserver_the_node_has_now() {
+    let c = Cluster::start().await;
+    let apiserver = || async {
+        let kms = connect_unix(&c.plugin.socket, Authority::Localhost)
+            .await
+            .unwrap();
+        let envelope = Arc::new(Envelope::new(PROVIDER, Arc::new(kms)).unwrap());
+        envelope.refresh().await.unwrap();
+        envelope
+    };
+    let (before, after) = (apiserver().await, apiserver().await);
+    let node: Apiservers = Arc::new(RwLock::new(vec![before.clone()]));
+    let storage = Storage::following(c.etcd.client().await.unwrap(), node.clone(), 0);
+    let api = ApiServer::start_unprobed(
+        Secrets::new(storage, Keys::default()),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let client = Client::try_from(kube::Config::new(api.url().parse().unwrap())).unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client, "default");
+    let secret = |name: &str| Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([(
+            "v".to_string(),
+            ByteString(name.as_bytes().to_vec()),
+        )])),
+        ..Secret::default()
+    };
+    let seed_of = |raw: Vec<u8>| {
+        let prefix = format!("k8s:enc:kms:v2:{PROVIDER}:").len();
+        encrypted_object::decode(&raw[prefix..])
+            .unwrap()
+            .encrypted_dek_source
+    };
+
+    secrets
+        .create(&PostParams::default(), &secret("one"))
+        .await
+        .unwrap();
+    node.write().unwrap()[0] = after.clone();
+    secrets
+        .create(&PostParams::default(), &secret("two"))
+        .await
+        .unwrap();
+    let read = secrets.get("one").await.unwrap();
+
+    let (one, _) = c.raw("default", "one").await.unwrap();
+    let (two, _) = c.raw("default", "two").await.unwrap();
+    assert_ne!(
+        seed_of(one),
+        seed_of(two),
+        "the write after the restart used the old seed"
+    );
+    assert_eq!(read.data.unwrap()["v"].0, b"one");
+    // The old Secret's seed was not in the new apiserver's cache: one Decrypt, by the new one.
+    assert_eq!(after.stats().decrypt_calls, 1);
+    assert_eq!(before.stats().decrypt_calls, 0);
+    api.stop().await.unwrap();
 }
 
 #[tokio::test]

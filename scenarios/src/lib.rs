@@ -10,6 +10,7 @@ use std::time::Duration;
 use kleidi_harness::scenario::Scenario;
 
 pub mod apiservers_restarted_cold;
+pub mod aws_kms_unreachable;
 pub mod backend_latency_near_call_timeout;
 pub mod etcd_member_lost_under_load;
 pub mod etcd_restarted;
@@ -54,6 +55,7 @@ pub fn all() -> Vec<Scenario> {
         node_partitioned_from_openbao::scenario(),
         rolling_restart_of_plugins::scenario(),
         etcd_member_lost_under_load::scenario(),
+        aws_kms_unreachable::scenario(),
     ]
 }
 

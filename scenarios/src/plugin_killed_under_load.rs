@@ -13,6 +13,7 @@ pub fn scenario() -> Scenario {
             BackendKind::Pkcs11,
             BackendKind::Vault,
             BackendKind::Tpm,
+            BackendKind::AwsKms,
             BackendKind::Foreign,
         ],
         timeline: vec![at(5.0, Fault::KillPlugin(0)), at(9.0, Fault::StartPlugin(0))],

@@ -2,7 +2,7 @@
 //! disagrees with Status, and everything written under the old key still reads, warm and cold.
 //! pkcs11 rotates the operator's way: a new key label and a rolling restart of the plugins. tpm (a
 //! swtpm per node) makes a new shareable KEK on node 0 and enrols it on the other two before any node
-//! switches to it.
+//! switches to it. aws-kms rotates the key's material on demand; kleidi's key_id counts rotations.
 
 use std::time::Duration;
 
@@ -11,7 +11,12 @@ use kleidi_harness::scenario::{BackendKind, Fault, Scenario, at};
 /// The scenario.
 pub fn scenario() -> Scenario {
     Scenario {
-        backends: vec![BackendKind::Pkcs11, BackendKind::Vault, BackendKind::Tpm],
+        backends: vec![
+            BackendKind::Pkcs11,
+            BackendKind::Vault,
+            BackendKind::Tpm,
+            BackendKind::AwsKms,
+        ],
         nodes: 3,
         timeline: vec![at(6.0, Fault::RotateKey)],
         length: Duration::from_secs(16),

@@ -13,6 +13,7 @@ pub fn scenario() -> Scenario {
             BackendKind::Pkcs11,
             BackendKind::Vault,
             BackendKind::Tpm,
+            BackendKind::AwsKms,
             BackendKind::Foreign,
         ],
         nodes: 3,

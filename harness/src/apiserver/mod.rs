@@ -18,4 +18,4 @@ pub mod store;
 pub use envelope::{Envelope, Probe, Stats};
 pub use error::Error;
 pub use kms::{Authority, Base64Kek, GrpcKms, KmsClient, connect_unix, connect_unix_lazy};
-pub use store::{EtcdStore, EtcdTls, Page, Storage, StoreError, Versioned};
+pub use store::{Apiservers, EtcdStore, EtcdTls, Page, Storage, StoreError, Versioned};

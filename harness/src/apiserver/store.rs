@@ -4,7 +4,7 @@
 //! transformer itself lives in [`super::envelope`]; this file only moves bytes.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use etcd_client::{
@@ -52,6 +52,9 @@ pub enum StoreError {
     /// The envelope refused to write or read the value.
     #[error(transparent)]
     Envelope(#[from] Error),
+    /// A storage that follows a node's apiserver was given a node that does not exist.
+    #[error("no apiserver {0} in this control plane")]
+    NoApiserver(usize),
 }
 
 impl StoreError {
@@ -302,25 +305,62 @@ fn tls_options(tls: &EtcdTls) -> Result<TlsOptions, StoreError> {
     Ok(options)
 }
 
+/// The envelopes of a control plane's apiservers, one slot per node; a cold restart replaces a
+/// node's slot with a new envelope (empty cache, new seed).
+pub type Apiservers = Arc<RwLock<Vec<Arc<Envelope>>>>;
+
 /// kube-apiserver's storage path for one KMS v2 provider: objects go through the envelope into etcd
 /// and back, the etcd key being the AAD.
 #[derive(Clone, Debug)]
 pub struct Storage {
     /// Raw etcd.
     pub etcd: EtcdStore,
-    /// The provider's envelope.
-    pub envelope: Arc<Envelope>,
+    envelope: Source,
+}
+
+/// Which envelope a [`Storage`] uses.
+#[derive(Clone, Debug)]
+enum Source {
+    /// One for good: the `apiserver` command, the demo, the tests.
+    Fixed(Arc<Envelope>),
+    /// Whatever node `.1`'s slot holds at each call: a scenario restarts apiservers cold under a
+    /// Secrets API that keeps serving, and every request after the restart must use the new one.
+    Slot(Apiservers, usize),
 }
 
 impl Storage {
     /// Storage over `etcd` with `envelope`.
     pub fn new(etcd: EtcdStore, envelope: Arc<Envelope>) -> Self {
-        Self { etcd, envelope }
+        Self {
+            etcd,
+            envelope: Source::Fixed(envelope),
+        }
+    }
+
+    /// Storage over `etcd` with whichever envelope node `index` of `apiservers` holds at each call.
+    pub fn following(etcd: EtcdStore, apiservers: Apiservers, index: usize) -> Self {
+        Self {
+            etcd,
+            envelope: Source::Slot(apiservers, index),
+        }
+    }
+
+    /// The envelope this call uses.
+    pub fn envelope(&self) -> Result<Arc<Envelope>, StoreError> {
+        match &self.envelope {
+            Source::Fixed(envelope) => Ok(envelope.clone()),
+            Source::Slot(apiservers, index) => apiservers
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(*index)
+                .cloned()
+                .ok_or(StoreError::NoApiserver(*index)),
+        }
     }
 
     /// Encrypts `plaintext` (a serialized object) for `key` and writes it; returns the stored bytes.
     pub async fn put(&self, key: &str, plaintext: &[u8]) -> Result<Vec<u8>, StoreError> {
-        let value = self.envelope.write(key, plaintext)?;
+        let value = self.envelope()?.write(key, plaintext)?;
         self.etcd.put(key.as_bytes(), value.clone()).await?;
         Ok(value)
     }
@@ -333,7 +373,7 @@ impl Storage {
         plaintext: &[u8],
         expected: i64,
     ) -> Result<Option<i64>, StoreError> {
-        let value = self.envelope.write(key, plaintext)?;
+        let value = self.envelope()?.write(key, plaintext)?;
         self.etcd.put_if(key.as_bytes(), value, expected).await
     }
 
@@ -345,7 +385,7 @@ impl Storage {
             .get(key.as_bytes())
             .await?
             .ok_or_else(|| StoreError::NotFound(key.to_owned()))?;
-        Ok(self.envelope.read(key, &value).await?)
+        Ok(self.envelope()?.read(key, &value).await?)
     }
 }
 

@@ -365,7 +365,7 @@ struct Stored {
 impl Stored {
     async fn decode(storage: &Storage, key: &str, raw: Versioned) -> Result<Self, ApiError> {
         let (plaintext, stale) = storage
-            .envelope
+            .envelope()?
             .read(key, &raw.value)
             .await
             .map_err(|e| internal(format!("reading {key}: {e}")))?;

@@ -39,7 +39,7 @@ pub struct ApiServer {
     secrets: Secrets,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
-    probes: JoinHandle<()>,
+    probes: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -51,9 +51,19 @@ impl std::fmt::Debug for ApiServer {
 }
 
 impl ApiServer {
-    /// Binds `listen` (a loopback address; port 0 picks a free one) and serves `secrets`. The
-    /// envelope should have probed once already (the apiserver does so before it serves).
+    /// Binds `listen` (a loopback address; port 0 picks a free one) and serves `secrets`, probing
+    /// its envelope in the background. The envelope should have probed once already (the apiserver
+    /// does so before it serves).
     pub async fn start(secrets: Secrets, listen: SocketAddr) -> Result<Self> {
+        let envelope = secrets.storage().envelope()?;
+        let mut server = Self::start_unprobed(secrets, listen).await?;
+        server.probes = Some(tokio::spawn(async move { envelope.run_probes().await }));
+        Ok(server)
+    }
+
+    /// As [`start`](Self::start), without the probes: for a storage whose envelope its owner
+    /// already probes (a scenario's nodes, whose probes are part of the recorded history).
+    pub async fn start_unprobed(secrets: Secrets, listen: SocketAddr) -> Result<Self> {
         if !listen.ip().is_loopback() {
             bail!("the Secrets API has no authentication: it listens on loopback only, not {listen}");
         }
@@ -70,14 +80,12 @@ impl ApiServer {
                 })
                 .await
         });
-        let envelope = secrets.storage().envelope.clone();
-        let probes = tokio::spawn(async move { envelope.run_probes().await });
         Ok(Self {
             addr,
             secrets,
             shutdown: Some(tx),
             server: Some(server),
-            probes,
+            probes: None,
         })
     }
 
@@ -124,7 +132,9 @@ impl ApiServer {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        self.probes.abort();
+        if let Some(probes) = self.probes.take() {
+            probes.abort();
+        }
         if let Some(server) = self.server.take() {
             server.await.context("the HTTP server task")??;
         }
@@ -134,7 +144,9 @@ impl ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        self.probes.abort();
+        if let Some(probes) = &self.probes {
+            probes.abort();
+        }
         if let Some(server) = &self.server {
             server.abort();
         }

@@ -26,6 +26,25 @@ pub fn kleidi_bin() -> Result<PathBuf> {
     )
 }
 
+/// `kleidi` built with the `aws-kms` feature, which the workspace build leaves out: `$KLEIDI_AWS_KMS_BIN`,
+/// or `kleidi-aws-kms` beside the plain binary `plain`, where `just test-aws` copies its build.
+pub fn kleidi_aws_kms_bin(plain: &Path) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("KLEIDI_AWS_KMS_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let candidate = plain.with_file_name("kleidi-aws-kms");
+    if candidate.is_file() {
+        return Ok(candidate);
+    }
+    bail!(
+        "{AWS_KMS_BIN_MISSING}: no {} (`just test-aws` builds it) and KLEIDI_AWS_KMS_BIN is not set",
+        candidate.display()
+    )
+}
+
+/// How [`kleidi_aws_kms_bin`]'s error starts, for callers that skip rather than fail without it.
+pub const AWS_KMS_BIN_MISSING: &str = "no kleidi built with the aws-kms feature";
+
 /// A running `kleidi serve` (pkcs11 or vault backend).
 pub struct KleidiPlugin {
     /// The process (fault verbs: stop, kill, restart, pause, …).

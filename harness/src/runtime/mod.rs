@@ -1,4 +1,4 @@
-//! Starting and stopping the real components a run needs — etcd, a SoftHSM token, OpenBao,
+//! Starting and stopping the real components a run needs — etcd, a SoftHSM token, OpenBao, moto (AWS KMS),
 //! `kleidi serve`, a TCP fault proxy — as local processes (or tasks) on 127.0.0.1 with their own
 //! temp dirs, or in [`container`]s on the run's own Docker network ([`RuntimeKind`] picks), and the
 //! fault verbs on their handles (stop, kill, restart, pause, resume; OpenBao's
@@ -9,6 +9,7 @@ mod bao_client;
 pub mod container;
 mod etcd;
 mod kleidi;
+mod moto;
 mod openbao;
 mod process;
 mod proxy;
@@ -18,7 +19,8 @@ mod swtpm;
 
 pub use bao_client::{BaoClient, BaoResponse};
 pub use etcd::{Etcd, EtcdServerTls};
-pub use kleidi::{KleidiPlugin, kleidi_bin};
+pub use kleidi::{AWS_KMS_BIN_MISSING, KleidiPlugin, kleidi_aws_kms_bin, kleidi_bin};
+pub use moto::Moto;
 pub use openbao::{KLEIDI_POLICY, OpenBao, OpenBaoSpec, TokenLease};
 pub use process::Process;
 pub use proxy::{Direction, Fault, FaultProxy, ProxyStats};

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use super::handles::{Bao, EtcdPart, Plugin, Tpm};
 use super::history::History;
@@ -24,12 +24,17 @@ use crate::runtime::container::etcd_cluster::EtcdCluster;
 use crate::runtime::container::kleidi_node::{KleidiNode, KleidiNodeSpec};
 use crate::runtime::container::openbao_raft::OpenBaoRaft;
 use crate::runtime::container::swtpm_node::SwtpmNode;
-use crate::runtime::{Etcd, FaultProxy, KleidiPlugin, OpenBao, RuntimeKind, SharedKek, SoftHsmToken, Swtpm};
+use crate::runtime::{
+    Etcd, FaultProxy, KleidiPlugin, Moto, OpenBao, RuntimeKind, SharedKek, SoftHsmToken, Swtpm,
+    kleidi_aws_kms_bin,
+};
 
 /// The provider name every node's EncryptionConfiguration uses.
 pub const PROVIDER: &str = "kleidi";
 /// Where the workload's objects live in etcd.
 pub const PREFIX: &str = "/registry/secrets/";
+/// The cluster name in kleidi's AWS KMS encryption context.
+const AWS_CLUSTER: &str = "kleidi-scenario";
 
 /// The key services a scenario can run against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -43,20 +48,30 @@ pub enum BackendKind {
     /// Any KMS v2 plugin, started by a command of the user's (`{socket}` stands for the socket
     /// path); only faults that need no control over its backend apply.
     Foreign,
+    /// AWS KMS: a local moto server, each node through its own fault proxy; kleidi built with the
+    /// `aws-kms` feature. Process runtime only (no moto image).
+    AwsKms,
 }
 
 impl BackendKind {
     /// Every backend, in the order runs are listed.
-    pub const ALL: [BackendKind; 4] = [Self::Pkcs11, Self::Vault, Self::Tpm, Self::Foreign];
+    pub const ALL: [BackendKind; 5] = [Self::Pkcs11, Self::Vault, Self::Tpm, Self::AwsKms, Self::Foreign];
 
-    /// `pkcs11`, `vault`, `tpm`.
+    /// `pkcs11`, `vault`, `tpm`, `aws-kms`, `foreign`.
     pub fn name(self) -> &'static str {
         match self {
             Self::Pkcs11 => "pkcs11",
             Self::Vault => "vault",
             Self::Tpm => "tpm",
             Self::Foreign => "foreign",
+            Self::AwsKms => "aws-kms",
         }
+    }
+
+    /// Why it cannot run on `runtime`, if it cannot.
+    pub fn unsupported_on(self, runtime: RuntimeKind) -> Option<String> {
+        (self == Self::AwsKms && runtime == RuntimeKind::Container)
+            .then(|| "aws-kms: not supported by the container runtime (moto runs as a local process)".into())
     }
 
     /// The backend named `name`.
@@ -64,7 +79,7 @@ impl BackendKind {
         Self::ALL
             .into_iter()
             .find(|b| b.name() == name)
-            .with_context(|| format!("unknown backend {name:?} (pkcs11, vault, tpm, foreign)"))
+            .with_context(|| format!("unknown backend {name:?} (pkcs11, vault, tpm, aws-kms, foreign)"))
     }
 }
 
@@ -161,6 +176,15 @@ pub enum Backend {
         /// The admin side of the shared KEK (several nodes only): rotations reuse its approvals.
         shared: Option<SharedKek>,
     },
+    /// moto; node `i` reaches it through `proxies[i]` (127.0.0.1).
+    AwsKms {
+        /// The server and its key.
+        moto: Box<Moto>,
+        /// One fault proxy per node.
+        proxies: Vec<FaultProxy>,
+        /// Whether the server is paused (SIGSTOP).
+        paused: bool,
+    },
     /// Someone else's plugin: `sh -c "exec <command>"` with `{socket}` replaced.
     Foreign {
         /// The command line.
@@ -176,6 +200,7 @@ impl Backend {
             Self::Vault { .. } => BackendKind::Vault,
             Self::Tpm { .. } => BackendKind::Tpm,
             Self::Foreign { .. } => BackendKind::Foreign,
+            Self::AwsKms { .. } => BackendKind::AwsKms,
         }
     }
 }
@@ -249,8 +274,8 @@ pub struct ClusterSpec {
     pub runtime: RuntimeKind,
 }
 
-/// The envelopes the workload uses; replaced one by one on a cold apiserver restart.
-pub type Apiservers = Arc<RwLock<Vec<Arc<Envelope>>>>;
+// The envelopes the workload uses; replaced one by one on a cold apiserver restart.
+pub use crate::apiserver::Apiservers;
 
 /// A running simulated control plane. Everything stops on drop.
 pub struct Cluster {
@@ -285,6 +310,14 @@ impl Cluster {
     /// Starts etcd, the backend and every node (plugin + envelope with its first probe done).
     pub async fn start(spec: ClusterSpec, kleidi: PathBuf, history: History) -> Result<Self> {
         std::fs::create_dir_all(&spec.dir)?;
+        if let Some(why) = spec.backend.unsupported_on(spec.runtime) {
+            bail!(why);
+        }
+        // The workspace build has no AWS SDK: that backend runs the feature build.
+        let kleidi = match spec.backend {
+            BackendKind::AwsKms => kleidi_aws_kms_bin(&kleidi)?,
+            _ => kleidi,
+        };
         let network = match spec.runtime {
             RuntimeKind::Process => None,
             RuntimeKind::Container => Some(crate::images::network_name()),
@@ -356,6 +389,18 @@ impl Cluster {
                     Some(SharedKek::enrol(&kleidi, &access).await?)
                 };
                 Backend::Tpm { tpms, shared }
+            }
+            BackendKind::AwsKms => {
+                let moto = Moto::start().await?;
+                let mut proxies = Vec::new();
+                for _ in 0..spec.nodes {
+                    proxies.push(FaultProxy::start(moto.listen_addr()).await?);
+                }
+                Backend::AwsKms {
+                    moto: Box::new(moto),
+                    proxies,
+                    paused: false,
+                }
             }
             BackendKind::Foreign => Backend::Foreign {
                 command: spec
@@ -474,6 +519,10 @@ impl Cluster {
                     tpm.kleidi_flags(),
                     vec![("TSS2_LOG".to_string(), "all+none".to_string())],
                 )
+            }
+            Backend::AwsKms { moto, proxies, .. } => {
+                let proxy = proxies.get(index).context("no proxy for this node")?;
+                (moto.kleidi_flags(&proxy.url(), AWS_CLUSTER), moto.kleidi_env())
             }
             Backend::Foreign { command } => {
                 let command = command.replace("{socket}", &socket.display().to_string());
@@ -625,6 +674,7 @@ impl Cluster {
                     logs.push((format!("swtpm-{i}"), t.tpm.logs().await));
                 }
             }
+            Backend::AwsKms { moto, .. } => logs.push(("moto".into(), moto.logs().into_bytes())),
             Backend::Pkcs11 { .. } | Backend::Foreign { .. } => {}
         }
         logs

@@ -164,6 +164,16 @@ impl Fault {
         (verb.to_owned(), target, effect)
     }
 
+    /// [`describe`](Self::describe) with the backend server named as `backend`'s (the backend
+    /// verbs name OpenBao, the first server they broke).
+    pub fn describe_for(&self, backend: BackendKind) -> (String, String, Effect) {
+        let (verb, target, effect) = self.describe();
+        match backend {
+            BackendKind::AwsKms if target == "openbao" => (verb, "aws-kms".into(), effect),
+            _ => (verb, target, effect),
+        }
+    }
+
     /// Whether `backend` can do this verb.
     pub fn applies_to(&self, backend: BackendKind) -> bool {
         let vault_only = matches!(
@@ -190,8 +200,11 @@ impl Fault {
             self,
             Self::KillTpm | Self::StartTpm | Self::PauseTpm | Self::ResumeTpm
         );
+        // moto keeps its keys in memory: it can hang and be cut off, never stop and come back.
+        let aws_too = matches!(self, Self::PauseBackend | Self::ResumeBackend | Self::Proxy(..));
         match backend {
             BackendKind::Vault => !pkcs11_only && !tpm_only,
+            BackendKind::AwsKms => (!vault_only || aws_too) && !pkcs11_only && !tpm_only,
             BackendKind::Pkcs11 => !vault_only && !tpm_only,
             BackendKind::Tpm => !vault_only && !pkcs11_only,
             // No control over a foreign plugin's backend: not even a rotation.
@@ -242,8 +255,8 @@ pub fn at(secs: f64, fault: Fault) -> Step {
 impl Cluster {
     /// Applies `fault` now and records it.
     pub async fn apply(&mut self, fault: &Fault) -> Result<()> {
-        let (verb, target, effect) = fault.describe();
         let backend = self.backend.kind();
+        let (verb, target, effect) = fault.describe_for(backend);
         if !fault.applies_to(backend) {
             bail!(
                 "{verb} on {target}: not supported by the {} backend",
@@ -501,6 +514,25 @@ impl Cluster {
                     _ => bail!("not a tpm fault"),
                 }
             }
+            Backend::AwsKms {
+                moto,
+                proxies,
+                paused,
+            } => match fault {
+                Fault::PauseBackend => {
+                    moto.pause()?;
+                    *paused = true;
+                }
+                Fault::ResumeBackend => {
+                    moto.resume()?;
+                    *paused = false;
+                }
+                Fault::Proxy(node, proxy_fault) => match node {
+                    Some(n) => proxies.get(*n).context("no such proxy")?.set(*proxy_fault),
+                    None => proxies.iter().for_each(|p| p.set(*proxy_fault)),
+                },
+                _ => bail!("not an aws-kms fault"),
+            },
             Backend::Foreign { .. } => bail!("a foreign plugin's backend is not the harness's to break"),
         }
         Ok(())
@@ -517,6 +549,8 @@ impl Cluster {
             Backend::Vault { bao, .. } => {
                 bao.rotate_key().await?;
             }
+            // New key material; kleidi's key_id counts the rotations.
+            Backend::AwsKms { moto, .. } => moto.rotate_key().await?,
             Backend::Pkcs11 { token, key_label, .. } => {
                 let number: u32 = key_label.trim_start_matches("kek-").parse().unwrap_or(1);
                 let next = format!("kek-{}", number + 1);
@@ -649,6 +683,14 @@ impl Cluster {
                 }
                 steps
             }
+            Backend::AwsKms { paused, .. } => {
+                let mut steps = Vec::new();
+                if *paused {
+                    steps.push(Fault::ResumeBackend);
+                }
+                steps.push(Fault::Proxy(None, ProxyFault::Pass));
+                steps
+            }
             // TPMs: below, every node's, not only the one the verbs reach.
             Backend::Tpm { .. } | Backend::Foreign { .. } => Vec::new(),
         };
@@ -735,6 +777,17 @@ fn fault_pairs(
         BackendKind::Tpm => vec![
             (Fault::KillTpm, Some(Fault::StartTpm)),
             (Fault::PauseTpm, Some(Fault::ResumeTpm)),
+        ],
+        BackendKind::AwsKms => vec![
+            (Fault::PauseBackend, Some(Fault::ResumeBackend)),
+            (
+                Fault::Proxy(Some(n), ProxyFault::Blackhole),
+                Some(Fault::Proxy(Some(n), ProxyFault::Pass)),
+            ),
+            (
+                Fault::Proxy(None, ProxyFault::Reset),
+                Some(Fault::Proxy(None, ProxyFault::Pass)),
+            ),
         ],
         BackendKind::Foreign => Vec::new(),
     };

@@ -21,4 +21,4 @@ pub use fault::{Fault, Step, at, nemesis};
 pub use history::{Event, History};
 pub use runner::{RunOptions, Scenario, run, seed_from_env};
 pub use verdict::{Run, VerdictFile, summary_table};
-pub use workload::Workload;
+pub use workload::{Via, Workload};

@@ -22,7 +22,7 @@ use super::cluster::{Backend, BackendKind, Cluster, ClusterSpec, PREFIX, PROVIDE
 use super::fault::{Fault, Step};
 use super::history::{self, Event, History, Outcome};
 use super::verdict::{Run, VerdictFile};
-use super::workload::{Workload, final_reads};
+use super::workload::{SecretsApis, Target, Via, Workload, final_reads};
 use crate::runtime::RuntimeKind;
 
 /// One scenario: the cluster it needs, the workload, the faults on a timeline, the checkers.
@@ -167,7 +167,10 @@ pub async fn run(
         runtime: opts.runtime.name().into(),
         seed,
     };
-    if let Some(why) = scenario.unsupported_on(opts.runtime) {
+    if let Some(why) = scenario
+        .unsupported_on(opts.runtime)
+        .or_else(|| backend.unsupported_on(opts.runtime))
+    {
         anyhow::bail!("{}: {why}", scenario.name);
     }
     let dir = meta.dir(&opts.out);
@@ -209,21 +212,20 @@ pub async fn run(
         backend.name()
     ));
 
+    let apis = match scenario.workload.via {
+        Via::Envelope => None,
+        Via::SecretsApi => {
+            let apis = SecretsApis::start(&cluster).await?;
+            say("Secrets API on every node: the workload uses kube-rs".into());
+            Some(apis)
+        }
+    };
+    let target = Target::new(&cluster, apis.as_ref());
     let preloaded = scenario
         .workload
-        .preload(
-            cluster.apiservers.clone(),
-            cluster.store.clone(),
-            history.clone(),
-            seed,
-        )
+        .preload(target.clone(), history.clone(), seed)
         .await;
-    let clients = scenario.workload.start(
-        cluster.apiservers.clone(),
-        cluster.store.clone(),
-        history.clone(),
-        seed,
-    );
+    let clients = scenario.workload.start(target, history.clone(), seed);
     let started = Instant::now();
     let mut steps: Vec<&Step> = scenario.timeline.iter().collect();
     steps.sort_by_key(|s| s.at);
@@ -233,7 +235,7 @@ pub async fn run(
     while started.elapsed() < scenario.length || steps.peek().is_some() {
         cluster.watch_exits().await;
         if let Some(step) = steps.next_if(|s| s.at <= started.elapsed()) {
-            let (verb, target, _) = step.fault.describe();
+            let (verb, target, _) = step.fault.describe_for(backend);
             say(format!("{verb} {target}"));
             if let Err(e) = cluster.apply(&step.fault).await {
                 say(format!("step failed: {e:#}"));
@@ -269,7 +271,10 @@ pub async fn run(
         keys.len(),
         scenario.nodes
     ));
-    final_reads(&cluster, &keys, scenario.workload.op_timeout).await?;
+    final_reads(&cluster, apis.as_ref(), &keys, scenario.workload.op_timeout).await?;
+    if let Some(apis) = apis {
+        apis.stop().await?;
+    }
     cluster.watch_exits().await;
     history.flush()?;
 
@@ -340,6 +345,10 @@ fn secrets(cluster: &Cluster, plaintexts: &[Vec<u8>], seed: u64) -> Vec<Secret> 
                 });
             }
         }
+        Backend::AwsKms { moto, .. } => secrets.push(Secret {
+            label: "kleidi's AWS secret access key".into(),
+            bytes: moto.secret_access_key().as_bytes().to_vec(),
+        }),
         Backend::Tpm { .. } | Backend::Foreign { .. } => {}
         Backend::Vault { bao, .. } => {
             if let Ok(token) = bao.kleidi_token() {
