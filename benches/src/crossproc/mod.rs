@@ -121,6 +121,8 @@ pub struct RuntimeRow {
 pub struct MemRow {
     /// pkcs11 | vault | tpm.
     pub backend: String,
+    /// The malloc arena bound it ran with (`MALLOC_ARENA_MAX`).
+    pub arenas: String,
     /// After start and its first health probe.
     pub idle_kib: u64,
     /// After each of 3 load runs of 64 callers.
@@ -393,14 +395,55 @@ fn tpm_setup(cfg: &Config, rts: &Rts) -> anyhow::Result<(Backend, [Swtpm; 2])> {
     Ok((backend, [served, raw]))
 }
 
+/// Idle RSS of `kleidi`, then after each of 3 load runs of 64 callers; and the calls that failed.
+fn memory_runs(rts: &Rts, kleidi: &Server, b: &Backend, arenas: String) -> anyhow::Result<(MemRow, u64)> {
+    let idle_kib = kleidi.rss_kib()?;
+    let mut after_kib = Vec::new();
+    let mut errors = 0;
+    for _ in 0..3 {
+        let run = conc_loop(rts, &kleidi.socket, 64, b.conc_total)?;
+        errors += run.lat.errors;
+        after_kib.push(kleidi.rss_kib()?);
+    }
+    let row = MemRow {
+        backend: b.name.into(),
+        arenas,
+        idle_kib,
+        after_kib,
+    };
+    Ok((row, errors))
+}
+
 fn start_kleidi(cfg: &Config, rts: &Rts, b: &Backend, extra: &[&str], tag: &str) -> anyhow::Result<Server> {
+    start_kleidi_with(cfg, rts, b, extra, tag, &[])
+}
+
+fn start_kleidi_env(
+    cfg: &Config,
+    rts: &Rts,
+    b: &Backend,
+    tag: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Server> {
+    start_kleidi_with(cfg, rts, b, &[], tag, env)
+}
+
+fn start_kleidi_with(
+    cfg: &Config,
+    rts: &Rts,
+    b: &Backend,
+    extra: &[&str],
+    tag: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Server> {
     let sock = cfg.work.join(format!("kleidi-{}-{tag}.sock", b.name));
     let mut cmd = Command::new(&cfg.kleidi);
     cmd.arg("serve")
         .arg("--listen")
         .arg(format!("unix://{}", sock.display()))
         .args(&b.serve_args)
-        .args(extra);
+        .args(extra)
+        .envs(env.iter().copied());
     rts.seq.block_on(Server::start(
         &format!("kleidi serve ({}, {tag})", b.name),
         cmd,
@@ -495,23 +538,21 @@ fn bench_backend(
 ) -> anyhow::Result<()> {
     let audit = b.audit.as_deref();
     eprintln!("kleidi-bench: {} ...", b.name);
+    // Point 7 first, on fresh processes: idle RSS, then 3 identical load runs; first with glibc's
+    // own arena bound (8 per core), the baseline, then as kleidi runs by default (it sets
+    // MALLOC_ARENA_MAX). One at a time: a swtpm serves one connection at a time.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let glibc = (8 * cores).to_string();
+    let unbounded = start_kleidi_env(cfg, rts, b, "glibc-arenas", &[("MALLOC_ARENA_MAX", &glibc)])?;
+    let row = memory_runs(rts, &unbounded, b, format!("glibc's default ({glibc})"))?;
+    report.memory_errors += row.1;
+    report.memory.push(row.0);
+    drop(unbounded);
+    let ours = format!("kleidi's ({})", kleidi::process::MALLOC_ARENA_MAX);
     let kleidi = start_kleidi(cfg, rts, b, &[], "default")?;
-
-    // Point 6 first, on a fresh process: idle RSS, then 3 identical load runs.
-    let idle_kib = kleidi.rss_kib()?;
-    let mut after_kib = Vec::new();
-    let mut memory_errors = 0;
-    for _ in 0..3 {
-        let run = conc_loop(rts, &kleidi.socket, 64, b.conc_total)?;
-        memory_errors += run.lat.errors;
-        after_kib.push(kleidi.rss_kib()?);
-    }
-    report.memory_errors += memory_errors;
-    report.memory.push(MemRow {
-        backend: b.name.into(),
-        idle_kib,
-        after_kib,
-    });
+    let row = memory_runs(rts, &kleidi, b, ours)?;
+    report.memory_errors += row.1;
+    report.memory.push(row.0);
 
     // The peer on the same OpenBao and transit key, when given.
     let peer = match (bao, &cfg.peer) {

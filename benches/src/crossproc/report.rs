@@ -206,15 +206,16 @@ fn write_markdown(r: &Report, md: &mut String) -> std::fmt::Result {
     )?;
     writeln!(
         md,
-        "| backend | idle | after load 1 | after load 2 | after load 3 |"
+        "| backend | malloc arenas | idle | after load 1 | after load 2 | after load 3 |"
     )?;
-    writeln!(md, "|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
     for row in &r.memory {
         let after: Vec<String> = row.after_kib.iter().map(|k| mib(*k)).collect();
         writeln!(
             md,
-            "| {} | {} | {} |",
+            "| {} | {} | {} | {} |",
             row.backend,
+            row.arenas,
             mib(row.idle_kib),
             after.join(" | ")
         )?;
