@@ -20,9 +20,6 @@ const MAX_MESSAGE: usize = 64 * 1024;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     kleidi::logging::init(cli.log_format);
-    if matches!(cli.command, Command::Serve(_)) {
-        kleidi::process::bound_malloc_arenas();
-    }
     kleidi::process::forbid_core_dumps();
     kleidi::credfile::allow_insecure(cli.allow_insecure_credential_files);
     // Built by hand so `serve --runtime` / `--worker-threads` can choose it (benches/README.md).

@@ -589,53 +589,6 @@ async fn core_dumps_are_off_for_the_serving_process() {
     assert_eq!(&fields[4..6], ["0", "0"], "{core}");
 }
 
-/// `MALLOC_ARENA_MAX` in the serving process's own environment, as the kernel shows it.
-fn malloc_arena_max(pid: u32) -> Option<String> {
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-    environ
-        .split(|b| *b == 0)
-        .find_map(|var| var.strip_prefix(b"MALLOC_ARENA_MAX="))
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-}
-
-/// glibc's per-thread malloc arenas are bounded in the process that serves (without it RSS crept
-/// up under load), in the same pid a supervisor started (its handle and signals still reach it),
-/// and an operator's own value is kept.
-#[tokio::test]
-async fn serve_runs_with_malloc_arenas_bounded_in_the_same_pid_unless_the_operator_chose() {
-    let token = Token::new();
-    for (given, expected) in [(None, kleidi::process::MALLOC_ARENA_MAX), (Some("4"), "4")] {
-        let socket = token.dir.path().join(format!("arena-{expected}.sock"));
-        let log = token.dir.path().join(format!("arena-{expected}.log"));
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kleidi"));
-        command
-            .arg("serve")
-            .arg("--listen")
-            .arg(format!("unix://{}", socket.display()))
-            .args(["--backend", "pkcs11"])
-            .args(token.flags(KEK))
-            .env("SOFTHSM2_CONF", token.conf())
-            .env_remove("MALLOC_ARENA_MAX")
-            .stderr(std::fs::File::create(&log).unwrap());
-        if let Some(value) = given {
-            command.env("MALLOC_ARENA_MAX", value);
-        }
-        let child = command.spawn().unwrap();
-        let k = Kleidi { child, socket, log };
-        k.wait_ready();
-        assert_eq!(
-            malloc_arena_max(k.child.id()).as_deref(),
-            Some(expected),
-            "{}",
-            k.logs()
-        );
-        let plain = seed();
-        let wrapped = encrypt(&k, plain.clone()).await.unwrap();
-        assert_eq!(decrypt(&k, &wrapped).await.unwrap(), plain);
-        k.signal("TERM");
-    }
-}
-
 #[tokio::test]
 async fn a_crashed_instance_socket_is_replaced_but_a_live_one_is_not_stolen() {
     let token = Token::new();

@@ -149,9 +149,7 @@ pub(super) fn count(
 fn under_callgrind(out: &Path) -> Command {
     let mut cmd = Command::new("valgrind");
     cmd.arg("--tool=callgrind")
-        .arg(format!("--callgrind-out-file={}", out.display()))
-        // Set, so `kleidi serve` does not execute itself again to set it: valgrind would not follow.
-        .env("MALLOC_ARENA_MAX", kleidi::process::MALLOC_ARENA_MAX);
+        .arg(format!("--callgrind-out-file={}", out.display()));
     cmd
 }
 

@@ -395,6 +395,9 @@ fn tpm_setup(cfg: &Config, rts: &Rts) -> anyhow::Result<(Backend, [Swtpm; 2])> {
     Ok((backend, [served, raw]))
 }
 
+/// The bounded arena count the memory rows compare with glibc's default.
+const BOUNDED_ARENAS: &str = "2";
+
 /// Idle RSS of `kleidi`, then after each of 3 load runs of 64 callers; and the calls that failed.
 fn memory_runs(rts: &Rts, kleidi: &Server, b: &Backend, arenas: String) -> anyhow::Result<(MemRow, u64)> {
     let idle_kib = kleidi.rss_kib()?;
@@ -538,21 +541,23 @@ fn bench_backend(
 ) -> anyhow::Result<()> {
     let audit = b.audit.as_deref();
     eprintln!("kleidi-bench: {} ...", b.name);
-    // Point 7 first, on fresh processes: idle RSS, then 3 identical load runs; first with glibc's
-    // own arena bound (8 per core), the baseline, then as kleidi runs by default (it sets
-    // MALLOC_ARENA_MAX). One at a time: a swtpm serves one connection at a time.
+    // Point 7 first, on fresh processes: idle RSS, then 3 identical load runs; with glibc's own
+    // malloc arena bound (8 per core), then with MALLOC_ARENA_MAX=2 as an operator may set it
+    // (BENCHMARKS.md, Memory). One at a time: a swtpm serves one connection at a time.
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let glibc = (8 * cores).to_string();
-    let unbounded = start_kleidi_env(cfg, rts, b, "glibc-arenas", &[("MALLOC_ARENA_MAX", &glibc)])?;
-    let row = memory_runs(rts, &unbounded, b, format!("glibc's default ({glibc})"))?;
-    report.memory_errors += row.1;
-    report.memory.push(row.0);
-    drop(unbounded);
-    let ours = format!("kleidi's ({})", kleidi::process::MALLOC_ARENA_MAX);
+    for arenas in [(8 * cores).to_string(), BOUNDED_ARENAS.to_string()] {
+        let server = start_kleidi_env(
+            cfg,
+            rts,
+            b,
+            &format!("arenas-{arenas}"),
+            &[("MALLOC_ARENA_MAX", &arenas)],
+        )?;
+        let (row, errors) = memory_runs(rts, &server, b, arenas)?;
+        report.memory_errors += errors;
+        report.memory.push(row);
+    }
     let kleidi = start_kleidi(cfg, rts, b, &[], "default")?;
-    let row = memory_runs(rts, &kleidi, b, ours)?;
-    report.memory_errors += row.1;
-    report.memory.push(row.0);
 
     // The peer on the same OpenBao and transit key, when given.
     let peer = match (bao, &cfg.peer) {

@@ -206,7 +206,7 @@ fn write_markdown(r: &Report, md: &mut String) -> std::fmt::Result {
     )?;
     writeln!(
         md,
-        "| backend | malloc arenas | idle | after load 1 | after load 2 | after load 3 |"
+        "| backend | MALLOC_ARENA_MAX | idle | after load 1 | after load 2 | after load 3 |"
     )?;
     writeln!(md, "|---|---|---|---|---|---|")?;
     for row in &r.memory {
