@@ -86,6 +86,13 @@ e2e: deps
     soak=$!
     trap 'kill -- -"$soak" 2>/dev/null || true' EXIT
     cargo test --workspace --locked -- --include-ignored
+    # Every test removes what it started; name any container a test left, then remove it.
+    left=$(docker ps -aq --filter label=io.kleidi.harness.run 2>/dev/null || true)
+    if [ -n "$left" ]; then
+        echo "e2e: containers left behind by the tests:"
+        docker ps -a --filter label=io.kleidi.harness.run --format '  {{{{.Names}} {{{{.Status}} ({{{{.CreatedAt}})'
+        docker rm -f $left >/dev/null
+    fi
     just fuzz 10
     if ! wait "$soak"; then cat target/soak.log; echo "e2e: the soak failed"; exit 1; fi
     grep -E '^soak (CPU|pkcs11:|vault:|tpm:)' target/soak.log

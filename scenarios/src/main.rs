@@ -75,24 +75,63 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    runtime.block_on(async {
+    // Dropping the run drops its cluster: every process is killed, every container and network
+    // removed. The select drops it before `outcome` is bound.
+    let outcome = runtime.block_on(async {
         tokio::select! {
-            outcome = cli(args) => match outcome {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::FAILURE,
-                Err(e) => {
-                    eprintln!("kleidi-scenarios: {e:#}");
-                    ExitCode::from(2)
-                }
-            },
-            // Dropping the run drops its cluster: every process is killed, every container and
-            // network removed, before the exit.
-            _ = tokio::signal::ctrl_c() => {
-                eprintln!("kleidi-scenarios: interrupted; everything the run started is removed");
-                ExitCode::from(130)
-            }
+            outcome = cli(args) => Some(outcome),
+            _ = tokio::signal::ctrl_c() => None,
         }
-    })
+    });
+    match outcome {
+        Some(Ok(true)) => ExitCode::SUCCESS,
+        Some(Ok(false)) => ExitCode::FAILURE,
+        Some(Err(e)) => {
+            eprintln!("kleidi-scenarios: {e:#}");
+            ExitCode::from(2)
+        }
+        None => {
+            // A task the run spawned (a container still starting, a client mid-call) may hold a
+            // container its owner would remove only after the runtime is gone, when no engine call
+            // completes. So: stop every task, then remove by label, not by owner.
+            runtime.shutdown_timeout(Duration::from_secs(2));
+            remove_leftovers();
+            eprintln!("kleidi-scenarios: interrupted; everything the run started is removed");
+            ExitCode::from(130)
+        }
+    }
+}
+
+/// Removes what this process's interrupted runs left on the engine: twice, a second apart, for
+/// a container or network whose creation the engine was finishing during the first pass.
+fn remove_leftovers() {
+    if kleidi_harness::images::own_networks().is_empty() {
+        return; // a process run: its processes died with their owners
+    }
+    let sweep = async {
+        let mut late = Vec::new();
+        for pass in 0..2 {
+            if pass > 0 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            late.extend(kleidi_harness::runtime::container::remove_own_runs().await?);
+        }
+        anyhow::Ok(late)
+    };
+    let late = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(sweep));
+    match late {
+        Ok(late) if late.is_empty() => {}
+        Ok(late) => eprintln!(
+            "kleidi-scenarios: removed {} container(s) their owners still held: {}",
+            late.len(),
+            late.join(" ")
+        ),
+        Err(e) => eprintln!("kleidi-scenarios: cleaning up after the interrupt: {e:#}"),
+    }
 }
 
 /// On the container runtime, points testcontainers at the API relay when the engine is older than

@@ -18,6 +18,7 @@ pub mod swtpm;
 
 use std::future::Future;
 use std::net::IpAddr;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -32,10 +33,26 @@ pub use swtpm::{SwtpmContainer, SwtpmImage};
 /// Bound on a container becoming ready: a cold start on a loaded 2-core machine takes seconds.
 pub const READY_LIMIT: Duration = Duration::from_secs(60);
 
+/// Every network name this process handed out, for [`crate::runtime::container::remove_own_runs`].
+static OWN_NETWORKS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
 /// A fresh network name for [`testcontainers::ImageExt::with_network`]: testcontainers creates it
 /// with the first container on it and removes it with the last.
 pub fn network_name() -> String {
-    format!("kleidi-{}", uuid::Uuid::new_v4().simple())
+    let name = format!("kleidi-{}", uuid::Uuid::new_v4().simple());
+    OWN_NETWORKS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(name.clone());
+    name
+}
+
+/// The networks [`network_name`] named in this process, oldest first.
+pub fn own_networks() -> Vec<String> {
+    OWN_NETWORKS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
 }
 
 /// Starts `request` on its network (refused without one: nothing joins Docker's default bridge)

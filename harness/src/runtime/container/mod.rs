@@ -18,7 +18,7 @@ use testcontainers::bollard::Docker;
 use testcontainers::bollard::models::{NetworkConnectRequest, NetworkDisconnectRequest};
 use testcontainers::bollard::query_parameters::{
     InspectContainerOptions, KillContainerOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptions,
-    LogsOptionsBuilder, StartContainerOptions, StopContainerOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StartContainerOptions, StopContainerOptionsBuilder,
 };
 
 /// Bound on the engine reporting a killed container stopped.
@@ -241,6 +241,54 @@ pub async fn labelled_containers() -> Result<Vec<String>> {
         .into_iter()
         .flat_map(|c| c.names.unwrap_or_default())
         .collect())
+}
+
+/// Force-removes every container of every run this process started, then those runs' networks,
+/// and answers the names of the containers it removed. For an interrupted run: its containers'
+/// owners may still be held by tasks the runtime drops only at shutdown, when an engine call can no
+/// longer complete. A container or network already gone is not an error.
+pub async fn remove_own_runs() -> Result<Vec<String>> {
+    use std::collections::HashMap;
+    let networks = crate::images::own_networks();
+    if networks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let docker = docker()?;
+    let mut removed = Vec::new();
+    for network in networks {
+        let filters = HashMap::from([("label".to_string(), vec![format!("{RUN_LABEL}={network}")])]);
+        let options = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = docker
+            .list_containers(Some(options))
+            .await
+            .with_context(|| format!("listing the containers of {network}"))?;
+        for container in list {
+            let Some(id) = container.id else { continue };
+            let options = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+            match docker.remove_container(&id, Some(options)).await {
+                Ok(()) => removed.extend(container.names.unwrap_or_default()),
+                Err(e) if not_found(&e) => {}
+                Err(e) => return Err(e).with_context(|| format!("removing container {id}")),
+            }
+        }
+        match docker.remove_network(&network).await {
+            Ok(()) => {}
+            Err(e) if not_found(&e) => {}
+            Err(e) => return Err(e).with_context(|| format!("removing network {network}")),
+        }
+    }
+    Ok(removed)
+}
+
+/// Whether the engine said 404: what was to be removed is already gone.
+fn not_found(e: &testcontainers::bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        testcontainers::bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }
+    )
 }
 
 /// Networks named as the harness names its own ([`crate::images::network_name`]).
