@@ -14,6 +14,11 @@ use kleidi::proto::{v1beta1, v2};
 use kleidi::server::{ConnLimits, Listener};
 use kleidi::{KeyService, backend};
 
+/// tokio's blocking pool (PKCS#11 and TPM calls, file reads): PKCS#11's session limit plus room for
+/// the rest. tokio's default (512) lets the pool creep upward under load, a thread at a time,
+/// since it starts one whenever none is idle at that instant (BENCHMARKS.md, Memory).
+const MAX_BLOCKING_THREADS: usize = backend::pkcs11::MAX_SESSIONS + 8;
+
 /// Largest request accepted on the wire: a 1 KiB ciphertext plus 32 KiB of annotations, with room.
 const MAX_MESSAGE: usize = 64 * 1024;
 
@@ -34,6 +39,7 @@ fn main() -> ExitCode {
     if let (RuntimeKind::MultiThread, Some(n)) = (kind, workers) {
         builder.worker_threads(usize::from(n));
     }
+    builder.max_blocking_threads(MAX_BLOCKING_THREADS);
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
