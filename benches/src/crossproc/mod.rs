@@ -421,16 +421,6 @@ fn start_kleidi(cfg: &Config, rts: &Rts, b: &Backend, extra: &[&str], tag: &str)
     start_kleidi_with(cfg, rts, b, extra, tag, &[])
 }
 
-fn start_kleidi_env(
-    cfg: &Config,
-    rts: &Rts,
-    b: &Backend,
-    tag: &str,
-    env: &[(&str, &str)],
-) -> anyhow::Result<Server> {
-    start_kleidi_with(cfg, rts, b, &[], tag, env)
-}
-
 fn start_kleidi_with(
     cfg: &Config,
     rts: &Rts,
@@ -546,10 +536,11 @@ fn bench_backend(
     // (BENCHMARKS.md, Memory). One at a time: a swtpm serves one connection at a time.
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     for arenas in [(8 * cores).to_string(), BOUNDED_ARENAS.to_string()] {
-        let server = start_kleidi_env(
+        let server = start_kleidi_with(
             cfg,
             rts,
             b,
+            &[],
             &format!("arenas-{arenas}"),
             &[("MALLOC_ARENA_MAX", &arenas)],
         )?;

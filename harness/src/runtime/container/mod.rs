@@ -230,17 +230,26 @@ pub async fn gateway(network: &str) -> Result<IpAddr> {
 
 /// Containers of the harness on this engine now (any run): their names.
 pub async fn labelled_containers() -> Result<Vec<String>> {
-    use std::collections::HashMap;
-    let filters = HashMap::from([("label".to_string(), vec![RUN_LABEL.to_string()])]);
-    let options = ListContainersOptionsBuilder::new()
-        .all(true)
-        .filters(&filters)
-        .build();
-    let list = docker()?.list_containers(Some(options)).await?;
+    let list = containers_labelled(&docker()?, RUN_LABEL.to_string()).await?;
     Ok(list
         .into_iter()
         .flat_map(|c| c.names.unwrap_or_default())
         .collect())
+}
+
+/// Every container, running or not, matching the engine's label filter `filter` (`key` or
+/// `key=value`).
+async fn containers_labelled(
+    docker: &Docker,
+    filter: String,
+) -> Result<Vec<testcontainers::bollard::models::ContainerSummary>> {
+    use std::collections::HashMap;
+    let filters = HashMap::from([("label".to_string(), vec![filter])]);
+    let options = ListContainersOptionsBuilder::new()
+        .all(true)
+        .filters(&filters)
+        .build();
+    Ok(docker.list_containers(Some(options)).await?)
 }
 
 /// Force-removes every container of every run this process started, then those runs' networks,
@@ -248,7 +257,6 @@ pub async fn labelled_containers() -> Result<Vec<String>> {
 /// owners may still be held by tasks the runtime drops only at shutdown, when an engine call can no
 /// longer complete. A container or network already gone is not an error.
 pub async fn remove_own_runs() -> Result<Vec<String>> {
-    use std::collections::HashMap;
     let networks = crate::images::own_networks();
     if networks.is_empty() {
         return Ok(Vec::new());
@@ -256,13 +264,7 @@ pub async fn remove_own_runs() -> Result<Vec<String>> {
     let docker = docker()?;
     let mut removed = Vec::new();
     for network in networks {
-        let filters = HashMap::from([("label".to_string(), vec![format!("{RUN_LABEL}={network}")])]);
-        let options = ListContainersOptionsBuilder::new()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let list = docker
-            .list_containers(Some(options))
+        let list = containers_labelled(&docker, format!("{RUN_LABEL}={network}"))
             .await
             .with_context(|| format!("listing the containers of {network}"))?;
         for container in list {
