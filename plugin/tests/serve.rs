@@ -589,6 +589,94 @@ async fn core_dumps_are_off_for_the_serving_process() {
     assert_eq!(&fields[4..6], ["0", "0"], "{core}");
 }
 
+/// The heaps of glibc's malloc arenas beyond the first, as /proc/PID/maps shows them: anonymous
+/// reservations of exactly 64 MiB (HEAP_MAX_SIZE on 64-bit) at a 64 MiB-aligned address, a
+/// read-write part followed by the rest kept PROT_NONE. Thread stacks and mmap'd blocks are not
+/// 64 MiB-aligned spans of that size.
+fn extra_malloc_arenas(pid: u32) -> usize {
+    const HEAP: u64 = 64 << 20;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    // (start, end, perms) of every anonymous mapping, in address order.
+    let anon: Vec<(u64, u64, String)> = maps
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() != 5 {
+                return None; // has a path: a file, [heap], [stack], ...
+            }
+            let (start, end) = f[0].split_once('-')?;
+            let start = u64::from_str_radix(start, 16).ok()?;
+            let end = u64::from_str_radix(end, 16).ok()?;
+            Some((start, end, f[1].to_string()))
+        })
+        .collect();
+    anon.iter()
+        .enumerate()
+        .filter(|(i, (start, end, perms))| {
+            if perms != "rw-p" || start % HEAP != 0 {
+                return false;
+            }
+            let span_end = match anon.get(i + 1) {
+                Some((next, next_end, p)) if next == end && p == "---p" => *next_end,
+                _ => *end,
+            };
+            span_end - start == HEAP
+        })
+        .count()
+}
+
+/// `kleidi serve` keeps glibc's malloc to one arena: with an arena per thread (glibc's default, up
+/// to 8 per core) RSS crept up under load with nothing leaked (BENCHMARKS.md, Memory). An
+/// operator's own `MALLOC_ARENA_MAX` is kept, which also shows the arenas are seen when present.
+#[tokio::test]
+async fn serve_keeps_one_malloc_arena_under_load_unless_the_operator_chose() {
+    let token = Token::new();
+    for (given, name) in [(None, "arenas-kleidi"), (Some("8"), "arenas-operator")] {
+        let socket = token.dir.path().join(format!("{name}.sock"));
+        let log = token.dir.path().join(format!("{name}.log"));
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kleidi"));
+        command
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("unix://{}", socket.display()))
+            .args(["--backend", "pkcs11"])
+            .args(token.flags(KEK))
+            .env("SOFTHSM2_CONF", token.conf())
+            .env_remove("MALLOC_ARENA_MAX")
+            .stdin(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        if let Some(value) = given {
+            command.env("MALLOC_ARENA_MAX", value);
+        }
+        let k = std::sync::Arc::new(Kleidi {
+            child: command.spawn().unwrap(),
+            socket,
+            log,
+        });
+        k.wait_ready();
+        // 16 callers at once, so runtime workers and blocking threads all allocate.
+        let plain = seed();
+        let wrapped = encrypt(&k, plain.clone()).await.unwrap();
+        let mut callers = tokio::task::JoinSet::new();
+        for _ in 0..16 {
+            let (k, wrapped, plain) = (k.clone(), wrapped.clone(), plain.clone());
+            callers.spawn(async move {
+                for _ in 0..8 {
+                    assert_eq!(decrypt(&k, &wrapped).await.unwrap(), plain);
+                }
+            });
+        }
+        while let Some(caller) = callers.join_next().await {
+            caller.unwrap();
+        }
+        let extra = extra_malloc_arenas(k.child.id());
+        match given {
+            None => assert_eq!(extra, 0, "arenas beyond the first; log:\n{}", k.logs()),
+            Some(_) => assert!(extra > 0, "the operator's MALLOC_ARENA_MAX=8 was not kept"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_crashed_instance_socket_is_replaced_but_a_live_one_is_not_stolen() {
     let token = Token::new();

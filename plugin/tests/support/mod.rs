@@ -177,7 +177,7 @@ impl Kleidi {
             .unwrap()
     }
 
-    fn wait_ready(&self) {
+    pub fn wait_ready(&self) {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(20) {
             if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
