@@ -18,10 +18,11 @@
 //!   or, if it grew more, run 4 above run 3, or run 5 above run 4. Runs do the same work, so a leak
 //!   of 1 MiB a run fails every one of them; the allocator's warm-up adds less each run, and on a
 //!   busy machine it once reached run 3 (PKCS#11 beside a CI build: +5.5, +0.7, +1.1 MiB; alone,
-//!   the same tree +5.3, +1.1, +0.1). Measured on 2 cores: glibc's per-thread arenas warm up over runs 1 and
-//!   2 (PKCS#11 and TPM +1.7 to +2.2 MiB from run 1 to run 2, then −0.9 to +0.6; OpenBao +0.6
-//!   to +0.9, then +0.3; PKCS#11 with `MALLOC_ARENA_MAX=1` +0.1, then +0.5), and six runs of
-//!   20 s level off within 0.3 MiB from the fourth.
+//!   the same tree +5.3, +1.1, +0.1). Measured on 2 cores, 20 s runs, since kleidi keeps one
+//!   malloc arena (2026-12-03): run 1 → 2 → 3 PKCS#11 +0.3, +0.2 MiB; OpenBao +0.6, 0.0; TPM
+//!   +0.6, +0.1. With glibc's 16 arenas (`MALLOC_ARENA_MAX=16`) the same runs grew +0.6, +0.6;
+//!   +1.0, +0.6; +1.5, +0.5, and earlier six runs of 20 s levelled off within 0.3 MiB from the
+//!   fourth.
 //!   1 MiB in run 3 is 3 bytes per call at PKCS#11's ~330,000 calls a run, 12 at OpenBao's
 //!   ~90,000, 110 at the TPM's ~9,500.
 //!
