@@ -47,6 +47,12 @@ enum Sub {
         /// Socket path.
         #[arg(long)]
         socket: PathBuf,
+        /// Encrypt and Decrypt through transit on this OpenBao (the bench's root token and key).
+        #[arg(long, conflicts_with = "pkcs11")]
+        vault_addr: Option<String>,
+        /// Encrypt and Decrypt on the bench's SoftHSM token (SOFTHSM2_CONF of this process).
+        #[arg(long)]
+        pkcs11: bool,
     },
     /// The raw side's loop, run under callgrind by the instruction counts (not for direct use).
     #[command(hide = true)]
@@ -78,7 +84,11 @@ enum Sub {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
-        Some(Sub::TrivialServer { socket }) => trivial(socket),
+        Some(Sub::TrivialServer {
+            socket,
+            vault_addr,
+            pkcs11,
+        }) => trivial(socket, vault_addr.as_deref(), *pkcs11),
         Some(Sub::PlotScale { input, out }) => kleidi_benches::plot::plot_scale(input, out),
         Some(Sub::RawLoop {
             backend,
@@ -97,12 +107,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn trivial(socket: &std::path::Path) -> anyhow::Result<()> {
+fn trivial(socket: &std::path::Path, vault_addr: Option<&str>, pkcs11: bool) -> anyhow::Result<()> {
+    let behind = crossproc::behind(vault_addr, pkcs11)?;
     // Like `kleidi serve`'s default: the multi-thread runtime, one worker per core.
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(crossproc::trivial::serve(socket))
+        .block_on(crossproc::trivial::serve(socket, behind))
 }
 
 fn bench(cli: &Cli) -> anyhow::Result<()> {

@@ -79,6 +79,11 @@ pub struct LatRow {
     pub peer: Option<Lat>,
     /// kleidi p50 ÷ (trivial p50 + raw p50); raw counts 0 for Status.
     pub ratio: f64,
+    /// Through the trivial server with the raw call inline behind it (Encrypt and Decrypt of
+    /// PKCS#11 and OpenBao).
+    pub plain: Option<Lat>,
+    /// kleidi p50 ÷ plain p50.
+    pub plain_ratio: Option<f64>,
     /// OpenBao transit requests per kleidi RPC during the loop (audit log).
     pub kleidi_backend_requests_per_call: Option<f64>,
     /// OpenBao transit requests per peer RPC during the loop (audit log).
@@ -101,6 +106,9 @@ pub struct ConcRow {
     /// kleidi calls/s ÷ the lower of raw and trivial calls/s: the ceiling a plugin behind a socket
     /// can reach at all.
     pub ceiling_ratio: f64,
+    /// The plain plugin (trivial server with the raw call inline), 1 caller only: its PKCS#11
+    /// side has one session.
+    pub plain: Option<Conc>,
 }
 
 /// One server runtime choice.
@@ -195,12 +203,27 @@ struct Backend {
     name: &'static str,
     serve_args: Vec<OsString>,
     raw: RawSide,
+    /// `trivial-server` flags that put this backend behind it (none: not measured).
+    plain_args: Option<Vec<OsString>>,
     /// OpenBao's file audit log, to count transit requests.
     audit: Option<PathBuf>,
     /// Calls per latency loop.
     n: u64,
     /// Calls per concurrent run.
     conc_total: u64,
+}
+
+/// What the trivial server puts behind Encrypt and Decrypt: transit on `vault_addr`, the bench's
+/// SoftHSM token, or nothing (echo).
+pub fn behind(vault_addr: Option<&str>, pkcs11: bool) -> anyhow::Result<trivial::Behind> {
+    Ok(match (vault_addr, pkcs11) {
+        (Some(addr), _) => trivial::Behind::Vault(RawVault::new(crate::raw_vault_client(addr)?, crate::KEY)),
+        (None, true) => {
+            let hsm = RawHsm::open(SOFTHSM_MODULE, TOKEN, KEK, PIN)?;
+            trivial::Behind::Hsm(std::sync::Mutex::new(hsm.session()?), hsm)
+        }
+        (None, false) => trivial::Behind::Echo,
+    })
 }
 
 /// Runs everything in `cfg`.
@@ -267,6 +290,7 @@ pub fn run(cfg: &Config) -> anyhow::Result<Report> {
                         seq: Arc::new(RawVault::new(bao.raw_client()?, crate::KEY)),
                         conc: Arc::new(RawVault::new(bao.raw_client()?, crate::KEY)),
                     },
+                    plain_args: Some(vec!["--vault-addr".into(), bao.addr.as_str().into()]),
                     audit: Some(audit),
                     n: cfg.n,
                     conc_total: cfg.conc_total,
@@ -351,6 +375,7 @@ fn pkcs11_setup(cfg: &Config) -> anyhow::Result<Backend> {
         name: "pkcs11",
         serve_args,
         raw: RawSide::Hsm(RawHsm::open(SOFTHSM_MODULE, TOKEN, KEK, PIN)?),
+        plain_args: Some(vec!["--pkcs11".into()]),
         audit: None,
         n: cfg.n,
         conc_total: cfg.conc_total,
@@ -388,6 +413,8 @@ fn tpm_setup(cfg: &Config, rts: &Rts) -> anyhow::Result<(Backend, [Swtpm; 2])> {
         name: "tpm",
         serve_args: served.kleidi_flags().into_iter().map(OsString::from).collect(),
         raw: RawSide::Tpm(Box::new(raw_side)),
+        // A swtpm serves one connection at a time, and both are taken.
+        plain_args: None,
         audit: None,
         n: cfg.n / TPM_DIVISOR,
         conc_total: cfg.conc_total / TPM_DIVISOR,
@@ -575,10 +602,33 @@ fn bench_backend(
         _ => None,
     };
 
+    // The plainest plugin: the trivial server with this backend's raw call behind it.
+    let plain = match &b.plain_args {
+        Some(args) => {
+            let sock = cfg.work.join(format!("plain-{}.sock", b.name));
+            let mut cmd = Command::new(&cfg.self_exe);
+            cmd.arg("trivial-server").arg("--socket").arg(&sock).args(args);
+            Some(rts.seq.block_on(Server::start(
+                "plain plugin",
+                cmd,
+                &sock,
+                &cfg.work.join(format!("plain-{}.log", b.name)),
+                false,
+            ))?)
+        }
+        None => None,
+    };
+
     // Point 2: latency per method and path.
     for method in Method::ALL {
         let (k, k_req) = seq_loop(rts, &kleidi.socket, method, b.n, audit)?;
         let (t, _) = seq_loop(rts, &trivial.socket, method, b.n, None)?;
+        let pl = match (&plain, method) {
+            (Some(server), Method::Encrypt | Method::Decrypt) => {
+                Some(seq_loop(rts, &server.socket, method, b.n, None)?.0)
+            }
+            _ => None,
+        };
         let r = raw_seq(rts, &b.raw, method, b.n)?;
         let (p, p_req) = match &peer {
             Some(peer) => {
@@ -592,6 +642,8 @@ fn bench_backend(
             backend: b.name.into(),
             method: method.name().into(),
             ratio: k.p50_us / (t.p50_us + raw_p50).max(1e-9),
+            plain_ratio: pl.as_ref().map(|l| k.p50_us / l.p50_us.max(1e-9)),
+            plain: pl,
             kleidi: k,
             trivial: t,
             raw: r,
@@ -607,7 +659,12 @@ fn bench_backend(
         let k = conc_loop(rts, &kleidi.socket, callers, b.conc_total)?;
         let r = raw_conc(rts, &b.raw, callers, b.conc_total)?;
         let t = conc_loop(rts, &trivial.socket, callers, b.conc_total)?;
+        let pl = match &plain {
+            Some(server) if callers == 1 => Some(conc_loop(rts, &server.socket, 1, b.conc_total)?),
+            _ => None,
+        };
         report.concurrency.push(ConcRow {
+            plain: pl,
             backend: b.name.into(),
             ratio: k.calls_per_s / r.calls_per_s.max(1e-9),
             ceiling_ratio: k.calls_per_s / r.calls_per_s.min(t.calls_per_s).max(1e-9),
@@ -617,6 +674,7 @@ fn bench_backend(
         });
     }
     drop(kleidi);
+    drop(plain);
 
     // Point 4: the server's runtime, one process per choice, same loops.
     let choices: [(&str, &[&str]); 3] = [

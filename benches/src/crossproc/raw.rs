@@ -104,25 +104,31 @@ pub struct RawSession {
 impl RawSession {
     /// C_Encrypt of [`SEED`] under a fresh IV (a counter; the backend draws random ones).
     pub fn encrypt(&mut self) -> anyhow::Result<([u8; 12], Vec<u8>)> {
+        self.seal(&SEED)
+    }
+
+    /// C_Encrypt of `plain` under a fresh IV.
+    pub fn seal(&mut self, plain: &[u8]) -> anyhow::Result<([u8; 12], Vec<u8>)> {
         self.counter += 1;
         let mut iv = [0u8; 12];
         iv[..8].copy_from_slice(&self.counter.to_le_bytes());
         let params = GcmParams::new(&mut iv, b"", 128.into())?;
         let ct = self
             .session
-            .encrypt(&Mechanism::AesGcm(params), self.key, &SEED)?;
+            .encrypt(&Mechanism::AesGcm(params), self.key, plain)?;
         Ok((iv, ct))
     }
 
     /// C_Decrypt of `ct` under `iv`; true when it gives [`SEED`] back.
     pub fn decrypt(&self, iv: &[u8; 12], ct: &[u8]) -> bool {
+        self.open(iv, ct).is_ok_and(|p| p == SEED)
+    }
+
+    /// C_Decrypt of `ct` under `iv`.
+    pub fn open(&self, iv: &[u8; 12], ct: &[u8]) -> anyhow::Result<Vec<u8>> {
         let mut iv = *iv;
-        let Ok(params) = GcmParams::new(&mut iv, b"", 128.into()) else {
-            return false;
-        };
-        self.session
-            .decrypt(&Mechanism::AesGcm(params), self.key, ct)
-            .is_ok_and(|p| p == SEED)
+        let params = GcmParams::new(&mut iv, b"", 128.into())?;
+        Ok(self.session.decrypt(&Mechanism::AesGcm(params), self.key, ct)?)
     }
 
     fn sequential_decrypt(&self, iv: &[u8; 12], ct: &[u8], n: u64) -> Hist {
@@ -168,8 +174,13 @@ impl RawVault {
 
     /// One transit encrypt of [`SEED`].
     pub async fn encrypt(&self) -> anyhow::Result<String> {
+        self.seal(&SEED).await
+    }
+
+    /// One transit encrypt of `plain`.
+    pub async fn seal(&self, plain: &[u8]) -> anyhow::Result<String> {
         Ok(
-            data::encrypt(&*self.client, "transit", &self.key, &B64.encode(SEED), None)
+            data::encrypt(&*self.client, "transit", &self.key, &B64.encode(plain), None)
                 .await?
                 .ciphertext,
         )
@@ -177,9 +188,13 @@ impl RawVault {
 
     /// One transit decrypt of `ct`; true when it gives [`SEED`] back.
     pub async fn decrypt(&self, ct: &str) -> bool {
-        data::decrypt(&*self.client, "transit", &self.key, ct, None)
-            .await
-            .is_ok_and(|r| B64.decode(r.plaintext).is_ok_and(|p| p == SEED))
+        self.open(ct).await.is_ok_and(|p| p == SEED)
+    }
+
+    /// One transit decrypt of `ct`.
+    pub async fn open(&self, ct: &str) -> anyhow::Result<Vec<u8>> {
+        let r = data::decrypt(&*self.client, "transit", &self.key, ct, None).await?;
+        Ok(B64.decode(r.plaintext)?)
     }
 
     async fn sequential_decrypt(&self, ct: &str, n: u64) -> Hist {

@@ -46,23 +46,34 @@ fn write_markdown(r: &Report, md: &mut String) -> std::fmt::Result {
     )?;
     writeln!(
         md,
-        "| backend | method | kleidi p50 / p99 / p999 | trivial p50 / p99 / p999 | raw p50 | kleidi ÷ (trivial + raw) | errors |"
+        "| backend | method | kleidi p50 / p99 / p999 | trivial p50 / p99 / p999 | raw p50 | kleidi ÷ (trivial + raw) | plain plugin p50 / p99 / p999 | kleidi ÷ plain | errors |"
     )?;
-    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
     for row in &r.latency {
-        let errors = row.kleidi.errors + row.trivial.errors + row.raw.as_ref().map_or(0, |l| l.errors);
+        let errors = row.kleidi.errors
+            + row.trivial.errors
+            + row.raw.as_ref().map_or(0, |l| l.errors)
+            + row.plain.as_ref().map_or(0, |l| l.errors);
         writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {:.2} | {} |",
+            "| {} | {} | {} | {} | {} | {:.2} | {} | {} | {} |",
             row.backend,
             row.method,
             lat3(&row.kleidi),
             lat3(&row.trivial),
             opt(row.raw.as_ref().map(|l| l.p50_us), 0),
             row.ratio,
+            row.plain.as_ref().map_or("–".to_string(), lat3),
+            opt(row.plain_ratio, 2),
             errors
         )?;
     }
+    writeln!(
+        md,
+        "\nPlain plugin: the trivial server with the raw side's call made inline in its handler \
+         (nothing else of a plugin: no limits, checks, time bound or hand-off), so what composing gRPC \
+         with the backend costs on this machine is measured, not assumed zero."
+    )?;
 
     writeln!(
         md,
@@ -116,13 +127,13 @@ fn write_markdown(r: &Report, md: &mut String) -> std::fmt::Result {
     writeln!(
         md,
         "| backend | callers | kleidi calls/s | kleidi p99 | kleidi errors | raw calls/s | raw p99 | kleidi ÷ raw | \
-         trivial gRPC calls/s | kleidi ÷ min(raw, trivial) |"
+         trivial gRPC calls/s | kleidi ÷ min(raw, trivial) | plain plugin calls/s | plain ÷ raw |"
     )?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
     for row in &r.concurrency {
         writeln!(
             md,
-            "| {} | {} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} |",
+            "| {} | {} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {} | {} |",
             row.backend,
             row.kleidi.callers,
             row.kleidi.calls_per_s,
@@ -132,7 +143,14 @@ fn write_markdown(r: &Report, md: &mut String) -> std::fmt::Result {
             row.raw.lat.p99_us,
             row.ratio,
             row.trivial.calls_per_s,
-            row.ceiling_ratio
+            row.ceiling_ratio,
+            opt(row.plain.as_ref().map(|c| c.calls_per_s), 0),
+            opt(
+                row.plain
+                    .as_ref()
+                    .map(|c| c.calls_per_s / row.raw.calls_per_s.max(1e-9)),
+                2
+            )
         )?;
     }
 
@@ -261,6 +279,10 @@ pub fn write(r: &Report, out_dir: &Path, plots_dir: &Path) -> anyhow::Result<Str
         DotSeries {
             name: "raw backend".into(),
             values: pick(&|l| l.raw.clone()),
+        },
+        DotSeries {
+            name: "plain plugin (gRPC + raw call)".into(),
+            values: pick(&|l| l.plain.clone()),
         },
     ];
     if r.latency.iter().any(|l| l.peer.is_some()) {

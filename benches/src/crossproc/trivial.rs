@@ -1,7 +1,13 @@
-//! `kleidi-bench trivial-server`: the same KMS v2 proto, answered at once (Encrypt and Decrypt echo,
-//! Status "ok"), on a plain tonic Unix listener. What gRPC over the socket costs with nothing behind it.
+//! `kleidi-bench trivial-server`: the same KMS v2 proto on a plain tonic Unix listener, with nothing
+//! of kleidi's. Alone it answers at once (Encrypt and Decrypt echo, Status "ok"): what gRPC over the
+//! socket costs with nothing behind it. Given a backend (`--vault-addr`, `--pkcs11`), Encrypt and
+//! Decrypt make the raw side's own call in the handler, inline, and nothing else (no limits, no
+//! checks, no time bound, no hand-off to another thread): the plainest plugin there can be, gRPC and
+//! the backend composed in one process, so the cost of composing them is measured rather than
+//! assumed zero.
 
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 
 use kleidi::proto::v2::key_management_service_server::{KeyManagementService, KeyManagementServiceServer};
 use kleidi::proto::v2::{
@@ -9,10 +15,26 @@ use kleidi::proto::v2::{
 };
 use tonic::{Request, Response, Status};
 
-struct Echo;
+use super::raw::{RawHsm, RawSession, RawVault};
+
+/// What answers Encrypt and Decrypt.
+pub enum Behind {
+    /// Nobody: echo.
+    Echo,
+    /// transit on this OpenBao, through the raw side's client.
+    Vault(RawVault),
+    /// The bench's SoftHSM token, through one raw session (the loops are sequential).
+    Hsm(Mutex<RawSession>, RawHsm),
+}
+
+struct Plain(Behind);
+
+fn failed(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
 
 #[tonic::async_trait]
-impl KeyManagementService for Echo {
+impl KeyManagementService for Plain {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         Ok(Response::new(StatusResponse {
             version: "v2".into(),
@@ -22,27 +44,56 @@ impl KeyManagementService for Echo {
     }
 
     async fn encrypt(&self, req: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
+        let plaintext = req.into_inner().plaintext;
+        let ciphertext = match &self.0 {
+            Behind::Echo => plaintext,
+            Behind::Vault(vault) => vault.seal(&plaintext).await.map_err(failed)?.into_bytes(),
+            Behind::Hsm(session, _) => {
+                let (iv, ct) = session
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .seal(&plaintext)
+                    .map_err(failed)?;
+                [&iv[..], &ct].concat()
+            }
+        };
         Ok(Response::new(EncryptResponse {
-            ciphertext: req.into_inner().plaintext,
+            ciphertext,
             key_id: "trivial".into(),
             annotations: Default::default(),
         }))
     }
 
     async fn decrypt(&self, req: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
-        Ok(Response::new(DecryptResponse {
-            plaintext: req.into_inner().ciphertext,
-        }))
+        let ciphertext = req.into_inner().ciphertext;
+        let plaintext = match &self.0 {
+            Behind::Echo => ciphertext,
+            Behind::Vault(vault) => {
+                let ct = String::from_utf8(ciphertext).map_err(failed)?;
+                vault.open(&ct).await.map_err(failed)?
+            }
+            Behind::Hsm(session, _) => {
+                let (iv, ct) = ciphertext
+                    .split_first_chunk::<12>()
+                    .ok_or_else(|| Status::invalid_argument("ciphertext shorter than its IV"))?;
+                session
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .open(iv, ct)
+                    .map_err(failed)?
+            }
+        };
+        Ok(Response::new(DecryptResponse { plaintext }))
     }
 }
 
 /// Serves until killed (the bench kills it by pid).
-pub async fn serve(socket: &Path) -> anyhow::Result<()> {
+pub async fn serve(socket: &Path, behind: Behind) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(socket);
     let listener = tokio::net::UnixListener::bind(socket)?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     tonic::transport::Server::builder()
-        .add_service(KeyManagementServiceServer::new(Echo))
+        .add_service(KeyManagementServiceServer::new(Plain(behind)))
         .serve_with_incoming(incoming)
         .await?;
     Ok(())
