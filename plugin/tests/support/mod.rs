@@ -11,6 +11,8 @@
 
 #[path = "../common/private.rs"]
 mod private;
+#[path = "../common/v2_calls.rs"]
+mod v2_calls;
 
 #[allow(unused_imports)] // not every test binary writes credential files
 pub use private::write_private;
@@ -235,38 +237,17 @@ impl Kleidi {
 
     /// A v2 Status that must answer.
     pub async fn status(&self) -> v2::StatusResponse {
-        self.v2()
-            .await
-            .status(v2::StatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
+        v2_calls::status(self.v2().await).await
     }
 
     /// A v2 Encrypt of `plaintext` with a fresh uid.
     pub async fn encrypt(&self, plaintext: &[u8]) -> Result<v2::EncryptResponse, tonic::Status> {
-        self.v2()
-            .await
-            .encrypt(v2::EncryptRequest {
-                plaintext: plaintext.to_vec(),
-                uid: uuid::Uuid::new_v4().to_string(),
-            })
-            .await
-            .map(tonic::Response::into_inner)
+        v2_calls::encrypt(self.v2().await, plaintext).await
     }
 
     /// A v2 Decrypt of what Encrypt answered, with a fresh uid.
     pub async fn decrypt(&self, wrapped: &v2::EncryptResponse) -> Result<Vec<u8>, tonic::Status> {
-        self.v2()
-            .await
-            .decrypt(v2::DecryptRequest {
-                ciphertext: wrapped.ciphertext.clone(),
-                uid: uuid::Uuid::new_v4().to_string(),
-                key_id: wrapped.key_id.clone(),
-                annotations: wrapped.annotations.clone(),
-            })
-            .await
-            .map(|r| r.into_inner().plaintext)
+        v2_calls::decrypt(self.v2().await, wrapped).await
     }
 }
 

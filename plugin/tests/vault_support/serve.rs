@@ -9,6 +9,9 @@ use kleidi::proto::v2;
 use kleidi::proto::v2::key_management_service_client::KeyManagementServiceClient;
 use tonic::transport::Channel;
 
+#[path = "../common/v2_calls.rs"]
+mod v2_calls;
+
 /// A running `kleidi serve`; killed on drop.
 pub struct Kleidi {
     child: Child,
@@ -110,36 +113,15 @@ impl Kleidi {
     }
 
     pub async fn status(&self) -> v2::StatusResponse {
-        self.v2()
-            .await
-            .status(v2::StatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
+        v2_calls::status(self.v2().await).await
     }
 
     pub async fn encrypt(&self, plaintext: &[u8]) -> Result<v2::EncryptResponse, tonic::Status> {
-        self.v2()
-            .await
-            .encrypt(v2::EncryptRequest {
-                plaintext: plaintext.to_vec(),
-                uid: uuid::Uuid::new_v4().to_string(),
-            })
-            .await
-            .map(tonic::Response::into_inner)
+        v2_calls::encrypt(self.v2().await, plaintext).await
     }
 
     pub async fn decrypt(&self, encrypted: &v2::EncryptResponse) -> Result<Vec<u8>, tonic::Status> {
-        self.v2()
-            .await
-            .decrypt(v2::DecryptRequest {
-                ciphertext: encrypted.ciphertext.clone(),
-                uid: uuid::Uuid::new_v4().to_string(),
-                key_id: encrypted.key_id.clone(),
-                annotations: encrypted.annotations.clone(),
-            })
-            .await
-            .map(|r| r.into_inner().plaintext)
+        v2_calls::decrypt(self.v2().await, encrypted).await
     }
 }
 
