@@ -54,6 +54,19 @@ enum Sub {
         #[arg(long)]
         pkcs11: bool,
     },
+    /// Sequential calls of one method to any KMS v2 server on a Unix socket, from this process's
+    /// current-thread runtime: p50/p99/p999 on stdout. For profiling a server by hand (perf, strace).
+    CallLoop {
+        /// Socket path.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Encrypt | Decrypt | Status.
+        #[arg(long, default_value = "Decrypt")]
+        method: String,
+        /// Calls.
+        #[arg(long, default_value_t = 5000)]
+        n: u64,
+    },
     /// The raw side's loop, run under callgrind by the instruction counts (not for direct use).
     #[command(hide = true)]
     RawLoop {
@@ -89,6 +102,7 @@ fn main() -> ExitCode {
             vault_addr,
             pkcs11,
         }) => trivial(socket, vault_addr.as_deref(), *pkcs11),
+        Some(Sub::CallLoop { socket, method, n }) => call_loop(socket, method, *n),
         Some(Sub::PlotScale { input, out }) => kleidi_benches::plot::plot_scale(input, out),
         Some(Sub::RawLoop {
             backend,
@@ -114,6 +128,35 @@ fn trivial(socket: &std::path::Path, vault_addr: Option<&str>, pkcs11: bool) -> 
         .enable_all()
         .build()?
         .block_on(crossproc::trivial::serve(socket, behind))
+}
+
+fn call_loop(socket: &std::path::Path, method: &str, n: u64) -> anyhow::Result<()> {
+    use crossproc::measure::{Method, connect, sequential, wrap};
+    let Some(method) = Method::ALL
+        .into_iter()
+        .find(|m| m.name().eq_ignore_ascii_case(method))
+    else {
+        anyhow::bail!("unknown method {method:?} (Encrypt, Decrypt, Status)");
+    };
+    let lat = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let mut client = connect(socket).await?;
+            let wrapped = wrap(&mut client).await?;
+            anyhow::Ok(sequential(&mut client, method, &wrapped, n).await.lat())
+        })?;
+    println!(
+        "{} × {}: p50 {:.0} µs, p99 {:.0} µs, p999 {:.0} µs, {} errors",
+        n,
+        method.name(),
+        lat.p50_us,
+        lat.p99_us,
+        lat.p999_us,
+        lat.errors
+    );
+    anyhow::ensure!(lat.errors == 0, "{} calls failed", lat.errors);
+    Ok(())
 }
 
 fn bench(cli: &Cli) -> anyhow::Result<()> {
