@@ -106,8 +106,7 @@ pub struct ConcRow {
     /// kleidi calls/s ÷ the lower of raw and trivial calls/s: the ceiling a plugin behind a socket
     /// can reach at all.
     pub ceiling_ratio: f64,
-    /// The plain plugin (trivial server with the raw call inline), 1 caller only: its PKCS#11
-    /// side has one session.
+    /// The plain plugin (trivial server with the raw call inline), as many callers.
     pub plain: Option<Conc>,
 }
 
@@ -220,7 +219,7 @@ pub fn behind(vault_addr: Option<&str>, pkcs11: bool) -> anyhow::Result<trivial:
         (Some(addr), _) => trivial::Behind::Vault(RawVault::new(crate::raw_vault_client(addr)?, crate::KEY)),
         (None, true) => {
             let hsm = RawHsm::open(SOFTHSM_MODULE, TOKEN, KEK, PIN)?;
-            trivial::Behind::Hsm(std::sync::Mutex::new(hsm.session()?), hsm)
+            trivial::Behind::Hsm(std::sync::Mutex::new(vec![hsm.session()?]), hsm)
         }
         (None, false) => trivial::Behind::Echo,
     })
@@ -660,8 +659,8 @@ fn bench_backend(
         let r = raw_conc(rts, &b.raw, callers, b.conc_total)?;
         let t = conc_loop(rts, &trivial.socket, callers, b.conc_total)?;
         let pl = match &plain {
-            Some(server) if callers == 1 => Some(conc_loop(rts, &server.socket, 1, b.conc_total)?),
-            _ => None,
+            Some(server) => Some(conc_loop(rts, &server.socket, callers, b.conc_total)?),
+            None => None,
         };
         report.concurrency.push(ConcRow {
             plain: pl,

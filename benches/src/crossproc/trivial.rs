@@ -23,11 +23,27 @@ pub enum Behind {
     Echo,
     /// transit on this OpenBao, through the raw side's client.
     Vault(RawVault),
-    /// The bench's SoftHSM token, through one raw session (the loops are sequential).
-    Hsm(Mutex<RawSession>, RawHsm),
+    /// The bench's SoftHSM token, through raw sessions: one per call in flight, kept for the next.
+    Hsm(Mutex<Vec<RawSession>>, RawHsm),
 }
 
 struct Plain(Behind);
+
+/// Runs `op` on an idle session of `pool`, opening one when none is idle, and keeps it for the next.
+fn with_session<T>(
+    pool: &Mutex<Vec<RawSession>>,
+    hsm: &RawHsm,
+    op: impl FnOnce(&mut RawSession) -> anyhow::Result<T>,
+) -> Result<T, Status> {
+    let idle = pool.lock().unwrap_or_else(PoisonError::into_inner).pop();
+    let mut session = match idle {
+        Some(session) => session,
+        None => hsm.session().map_err(failed)?,
+    };
+    let out = op(&mut session).map_err(failed);
+    pool.lock().unwrap_or_else(PoisonError::into_inner).push(session);
+    out
+}
 
 fn failed(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
@@ -48,12 +64,8 @@ impl KeyManagementService for Plain {
         let ciphertext = match &self.0 {
             Behind::Echo => plaintext,
             Behind::Vault(vault) => vault.seal(&plaintext).await.map_err(failed)?.into_bytes(),
-            Behind::Hsm(session, _) => {
-                let (iv, ct) = session
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .seal(&plaintext)
-                    .map_err(failed)?;
+            Behind::Hsm(pool, hsm) => {
+                let (iv, ct) = with_session(pool, hsm, |s| s.seal(&plaintext))?;
                 [&iv[..], &ct].concat()
             }
         };
@@ -72,15 +84,11 @@ impl KeyManagementService for Plain {
                 let ct = String::from_utf8(ciphertext).map_err(failed)?;
                 vault.open(&ct).await.map_err(failed)?
             }
-            Behind::Hsm(session, _) => {
+            Behind::Hsm(pool, hsm) => {
                 let (iv, ct) = ciphertext
                     .split_first_chunk::<12>()
                     .ok_or_else(|| Status::invalid_argument("ciphertext shorter than its IV"))?;
-                session
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .open(iv, ct)
-                    .map_err(failed)?
+                with_session(pool, hsm, |s| s.open(iv, ct))?
             }
         };
         Ok(Response::new(DecryptResponse { plaintext }))
