@@ -131,21 +131,17 @@ fn trivial(socket: &std::path::Path, vault_addr: Option<&str>, pkcs11: bool) -> 
 }
 
 fn call_loop(socket: &std::path::Path, method: &str, n: u64) -> anyhow::Result<()> {
-    use crossproc::measure::{Method, connect, sequential, wrap};
+    use crossproc::measure::Method;
     let Some(method) = Method::ALL
         .into_iter()
         .find(|m| m.name().eq_ignore_ascii_case(method))
     else {
         anyhow::bail!("unknown method {method:?} (Encrypt, Decrypt, Status)");
     };
-    let lat = tokio::runtime::Builder::new_current_thread()
+    let (lat, _) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(async {
-            let mut client = connect(socket).await?;
-            let wrapped = wrap(&mut client).await?;
-            anyhow::Ok(sequential(&mut client, method, &wrapped, n).await.lat())
-        })?;
+        .block_on(crossproc::sequential_calls(socket, method, n, None))?;
     println!(
         "{} × {}: p50 {:.0} µs, p99 {:.0} µs, p999 {:.0} µs, {} errors",
         n,

@@ -504,19 +504,25 @@ fn seq_loop(
     n: u64,
     audit: Option<&Path>,
 ) -> anyhow::Result<(Lat, Option<f64>)> {
-    rts.seq.block_on(async {
-        let mut client: KmsClient = connect(socket).await?;
-        let wrapped = wrap(&mut client).await?;
-        // A few warm-up calls so the first connection's setup is not in the figures.
-        let _ = sequential(&mut client, method, &wrapped, 10).await;
-        let before = transit_requests(audit);
-        let hist = sequential(&mut client, method, &wrapped, n).await;
-        let lat = hist.lat();
-        Ok((
-            lat.clone(),
-            per_call(before, transit_requests(audit), lat.calls + lat.errors),
-        ))
-    })
+    rts.seq.block_on(sequential_calls(socket, method, n, audit))
+}
+
+/// `n` sequential calls of `method` on a new connection to `socket`, after a few warm-up calls so
+/// the connection's setup is not in the figures; with the OpenBao transit requests per call when
+/// given its audit log. Run on a current-thread runtime.
+pub async fn sequential_calls(
+    socket: &Path,
+    method: Method,
+    n: u64,
+    audit: Option<&Path>,
+) -> anyhow::Result<(Lat, Option<f64>)> {
+    let mut client: KmsClient = connect(socket).await?;
+    let wrapped = wrap(&mut client).await?;
+    let _ = sequential(&mut client, method, &wrapped, 10).await;
+    let before = transit_requests(audit);
+    let lat = sequential(&mut client, method, &wrapped, n).await.lat();
+    let per = per_call(before, transit_requests(audit), lat.calls + lat.errors);
+    Ok((lat, per))
 }
 
 fn conc_loop(rts: &Rts, socket: &Path, callers: u64, total: u64) -> anyhow::Result<Conc> {
